@@ -1,0 +1,121 @@
+"""``GET /health``: dependency checks plus each subsystem's figures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from server.keys import DB, DRAINING, REDIS, SETTINGS, STREAMS
+from shared.constants import WORKER_HEALTH_KEY
+
+logger = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 2.0
+
+
+async def _timed(coro: Any) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        await asyncio.wait_for(coro, CHECK_TIMEOUT_S)
+    except Exception as exc:
+        # The exception class only: messages can carry hosts or paths.
+        return {"ok": False, "error": exc.__class__.__name__}
+    return {"ok": True, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+
+
+async def check_database(app: web.Application) -> dict[str, Any]:
+    return await _timed(app[DB].fetchval("SELECT 1"))
+
+
+async def check_redis(app: web.Application) -> dict[str, Any]:
+    return await _timed(app[REDIS].ping())
+
+
+async def check_worker(app: web.Application) -> dict[str, Any]:
+    try:
+        alive = await asyncio.wait_for(app[REDIS].exists(WORKER_HEALTH_KEY), CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return {"ok": False, "error": exc.__class__.__name__}
+    return {"ok": bool(alive)} if alive else {"ok": False, "error": "no_fresh_heartbeat"}
+
+
+def sse_section(app: web.Application) -> dict[str, Any]:
+    settings = app[SETTINGS]
+    manager = app[STREAMS]
+    return {
+        "active": len(manager.streams),
+        "peak": manager.peak,
+        "opened_total": manager.opened_total,
+        "rejected_per_ip_total": 0,
+        "rejected_global_total": 0,
+        "stale_detected_total": 0,
+        "stale_active": 0,
+        "slow_consumer_total": 0,
+        "new_per_s": 0.0,
+        "limits": {"per_ip": settings.sse_max_per_ip, "global": settings.sse_max_connections},
+    }
+
+
+async def queue_section(app: web.Application) -> dict[str, Any]:
+    settings = app[SETTINGS]
+    return {
+        "size": 0,
+        "max_size": settings.queue_max,
+        "max_seen": 0,
+        "avg_size": 0.0,
+        "growth_per_min": 0.0,
+        "alert": False,
+        "alert_threshold": settings.queue_alert,
+        "cleanup": {
+            "runs": 0,
+            "failures": 0,
+            "success_rate": None,
+            "last_run_at": None,
+            "last_deleted": 0,
+            "deleted_total": 0,
+        },
+    }
+
+
+def db_section(app: web.Application) -> dict[str, Any]:
+    return {
+        "queries_total": 0,
+        "slow_queries_total": 0,
+        "slow_threshold_ms": app[SETTINGS].slow_query_ms,
+        "p95_ms": None,
+        "degraded": False,
+    }
+
+
+async def attachments_section(app: web.Application) -> dict[str, Any]:
+    return {"delete_failures_total": 0, "pending_file_deletions": 0, "last_orphan_scan": None}
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    database, redis, worker = await asyncio.gather(
+        check_database(app), check_redis(app), check_worker(app)
+    )
+    body: dict[str, Any] = {
+        "checks": {"database": database, "redis": redis, "worker": worker},
+        "sse": sse_section(app),
+        "db": db_section(app),
+    }
+    try:
+        body["queue"] = await queue_section(app)
+        body["attachments"] = await attachments_section(app)
+    except Exception as exc:
+        logger.warning("health section failed: %s", exc.__class__.__name__)
+    draining = app[DRAINING][0]
+    if draining or not (database["ok"] and redis["ok"]):
+        status = "down"
+    elif not worker["ok"] or body["db"]["degraded"] or body.get("queue", {}).get("alert"):
+        status = "degraded"
+    else:
+        status = "ok"
+    body = {"status": status, "draining": draining, **body}
+    return web.json_response(body, status=503 if status == "down" else 200)

@@ -1,0 +1,167 @@
+"""Middlewares: CORS, contract JSON errors, bearer-token auth; plus the JSON body reader."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from server.keys import SETTINGS, USERS
+from shared.errors import HeraldError, PayloadTooLarge, Unauthorized
+from shared.models import User
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+API_PREFIX = "/api/v1"
+USER = web.RequestKey("user", User)
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes ``{"error": {code, message}}``; never a traceback or HTML."""
+    try:
+        return await handler(request)
+    except HeraldError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            return error_response(413, "payload_too_large", "request body is too large")
+        code = STATUS_CODES.get(exc.status, "error")
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return error_response(exc.status, code, exc.reason or code, headers)
+    except (ConnectionResetError, TimeoutError) as exc:
+        if request.transport is None or request.transport.is_closing():
+            raise  # the client is gone; nothing to answer
+        logger.exception(
+            "unhandled %s on %s %s", exc.__class__.__name__, request.method, request.path
+        )
+        return error_response(500, "internal_error", "internal server error")
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal server error")
+
+
+def bearer_token(request: web.Request, *, allow_query: bool) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if allow_query:
+        return request.query.get("access_token") or None
+    return None
+
+
+def is_events_route(request: web.Request) -> bool:
+    return (
+        request.method == "GET"
+        and request.path.startswith(f"{API_PREFIX}/channels/")
+        and request.path.endswith("/events")
+    )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every ``/api/v1`` route needs a user token, except the cron routes (their own
+    secret). ``?access_token=`` counts on the SSE route only."""
+    path = request.path
+    if (
+        not path.startswith(API_PREFIX + "/")
+        or path.startswith(f"{API_PREFIX}/cron/")
+        or request.match_info.http_exception is not None  # no such route: 404/405 first
+    ):
+        return await handler(request)
+    token = bearer_token(request, allow_query=is_events_route(request))
+    if token is None:
+        raise Unauthorized("missing bearer token")
+    user = await request.app[USERS].authenticate(token)
+    if user is None:
+        raise Unauthorized("invalid token")
+    request[USER] = user
+    return await handler(request)
+
+
+def current_user(request: web.Request) -> User:
+    user: User | None = request.get(USER)
+    if user is None:
+        raise Unauthorized("missing bearer token")
+    return user
+
+
+CORS_METHODS = "GET, POST, PATCH, DELETE"
+CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+
+
+def allowed_origin(request: web.Request) -> str | None:
+    origin = request.headers.get("Origin")
+    if not origin or not request.path.startswith(API_PREFIX):
+        return None
+    return origin if origin.lower() in request.app[SETTINGS].cors_origins else None
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answers preflights; the response headers are added in ``on_response_prepare`` so
+    streams and errors carry them too."""
+    if request.method == "OPTIONS" and request.path.startswith(API_PREFIX):
+        headers = {"Vary": "Origin"}
+        origin = allowed_origin(request)
+        if origin is not None:
+            headers.update(
+                {
+                    "Access-Control-Allow-Methods": CORS_METHODS,
+                    "Access-Control-Allow-Headers": CORS_HEADERS,
+                    "Access-Control-Max-Age": "600",
+                }
+            )
+        return web.Response(status=204, headers=headers)
+    return await handler(request)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if not request.path.startswith(API_PREFIX):
+        return
+    response.headers.setdefault("Vary", "Origin")
+    origin = allowed_origin(request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON: 413 over the size limit, 400 ``invalid_json`` if it
+    does not parse."""
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        raise PayloadTooLarge("request body is too large")
+    raw = await request.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise HeraldError("request body is not valid JSON", code="invalid_json") from None

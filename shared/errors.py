@@ -1,0 +1,68 @@
+"""Domain errors: raised by services, turned into the contract's JSON by one middleware."""
+
+from __future__ import annotations
+
+
+class HeraldError(Exception):
+    """Base of every error a client may see; ``status`` and ``code`` form the answer."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class ValidationError(HeraldError):
+    status = 422
+    code = "validation_error"
+
+
+class Unauthorized(HeraldError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(HeraldError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(HeraldError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(HeraldError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(HeraldError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RetryLater(HeraldError):
+    """An answer that carries ``Retry-After`` (429/503)."""
+
+    status = 503
+    code = "unavailable"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after: int = 1, status: int = 503
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after))
+        self.status = status
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}

@@ -1,0 +1,51 @@
+"""Value objects and their JSON shapes (what the REST API and SSE events carry)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+def iso(ts: datetime | None) -> str | None:
+    """RFC 3339 with a ``Z`` for UTC."""
+    if ts is None:
+        return None
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str
+    is_admin: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "is_admin": self.is_admin}
+
+
+def message_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A message row (with ``author_name``) as the API shows it."""
+    return {
+        "id": row["id"],
+        "channel_id": row["channel_id"],
+        "author": {"id": row["author_id"], "name": row["author_name"]},
+        "body": row["body"],
+        "created_at": iso(row["created_at"]),
+    }
+
+
+def channel_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A channel row as the API shows it; list-only fields appear when present."""
+    out: dict[str, Any] = {
+        "id": row["id"],
+        "name": row["name"],
+        "topic": row["topic"],
+        "is_private": row["is_private"],
+        "created_by": row["created_by"],
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+    }
+    if "member_count" in row:
+        out["member_count"] = row["member_count"]
+    return out

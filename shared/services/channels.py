@@ -1,0 +1,207 @@
+"""Channels and their members: creation, visibility, listing, changes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import psycopg2.errors
+
+from shared.bus import EventBus
+from shared.db.pool import Database, Row, Tx
+from shared.errors import Conflict, Forbidden, NotFound, ValidationError
+from shared.models import User, channel_json, iso
+
+CHANNEL_COLUMNS = "c.id, c.name, c.topic, c.is_private, c.created_by, c.created_at, c.updated_at"
+
+# One statement for a whole page of the listing, however long: member counts, the newest
+# message with its author and the caller's unread count come from LATERAL subqueries
+# that each use an index (channel_members pkey, messages (channel_id, id)).
+LIST_SQL = f"""
+SELECT {CHANNEL_COLUMNS},
+       mc.member_count,
+       me.last_read_message_id,
+       (me.user_id IS NOT NULL) AS is_member,
+       lm.id AS lm_id, lm.body AS lm_body, lm.created_at AS lm_created_at,
+       lm.author_id AS lm_author_id, lm.author_name AS lm_author_name,
+       COALESCE(uc.unread_count, 0) AS unread_count
+FROM channels c
+LEFT JOIN channel_members me ON me.channel_id = c.id AND me.user_id = %(user_id)s
+CROSS JOIN LATERAL (
+    SELECT count(*) AS member_count FROM channel_members m WHERE m.channel_id = c.id
+) mc
+LEFT JOIN LATERAL (
+    SELECT m.id, m.body, m.created_at, m.author_id, u.name AS author_name
+    FROM messages m JOIN users u ON u.id = m.author_id
+    WHERE m.channel_id = c.id ORDER BY m.id DESC LIMIT 1
+) lm ON true
+LEFT JOIN LATERAL (
+    SELECT count(*) AS unread_count FROM messages m
+    WHERE me.user_id IS NOT NULL AND m.channel_id = c.id AND m.id > me.last_read_message_id
+) uc ON true
+WHERE c.id > %(after)s
+  AND (NOT c.is_private OR me.user_id IS NOT NULL OR %(is_admin)s)
+ORDER BY c.id
+LIMIT %(limit)s
+"""
+
+
+def encode_cursor(channel_id: int) -> str:
+    return base64.urlsafe_b64encode(f"c:{channel_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValidationError("cursor: invalid") from None
+    kind, _, value = raw.partition(":")
+    if kind != "c" or not value.isdigit() or len(value) > 19:
+        raise ValidationError("cursor: invalid")
+    return int(value)
+
+
+def listing_json(row: Row) -> dict[str, Any]:
+    out = channel_json(row)
+    out["last_message"] = (
+        None
+        if row["lm_id"] is None
+        else {
+            "id": row["lm_id"],
+            "channel_id": row["id"],
+            "author": {"id": row["lm_author_id"], "name": row["lm_author_name"]},
+            "body": row["lm_body"],
+            "created_at": iso(row["lm_created_at"]),
+        }
+    )
+    out["unread_count"] = row["unread_count"]
+    return out
+
+
+async def visible_channel(tx: Tx, user: User, channel_id: int, *, lock: bool = False) -> Row:
+    """The channel row plus ``is_member``; 404 when it does not exist or is private to
+    others (its existence is not leaked)."""
+    row = await tx.fetchrow(
+        f"SELECT {CHANNEL_COLUMNS}, (m.user_id IS NOT NULL) AS is_member"
+        " FROM channels c LEFT JOIN channel_members m"
+        "   ON m.channel_id = c.id AND m.user_id = %s"
+        " WHERE c.id = %s" + (" FOR UPDATE OF c" if lock else ""),
+        (user.id, channel_id),
+    )
+    if row is None or (row["is_private"] and not row["is_member"] and not user.is_admin):
+        raise NotFound("channel not found", code="channel_not_found")
+    return row
+
+
+def require_manager(user: User, channel: Row) -> None:
+    if channel["created_by"] != user.id and not user.is_admin:
+        raise Forbidden("only the channel's creator or an admin may do this")
+
+
+class ChannelService:
+    def __init__(self, *, db: Database, bus: EventBus) -> None:
+        self.db = db
+        self.bus = bus
+
+    async def create(self, user: User, name: str, topic: str, is_private: bool) -> dict[str, Any]:
+        """Create a channel; its creator becomes its first member."""
+        try:
+            async with self.db.transaction() as tx:
+                row = await tx.fetchrow(
+                    "INSERT INTO channels (name, topic, is_private, created_by)"
+                    " VALUES (%s, %s, %s, %s) RETURNING *",
+                    (name, topic, is_private, user.id),
+                )
+                assert row is not None
+                await tx.execute(
+                    "INSERT INTO channel_members (channel_id, user_id) VALUES (%s, %s)",
+                    (row["id"], user.id),
+                )
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(f"channel name {name!r} is taken", code="name_taken") from None
+        row["member_count"] = 1
+        return channel_json(row)
+
+    async def list_visible(self, user: User, *, limit: int, cursor: str | None) -> dict[str, Any]:
+        """A page of the channels the user can see, in id order, in one query."""
+        after = decode_cursor(cursor)
+        rows = await self.db.fetch(
+            LIST_SQL,
+            {"user_id": user.id, "after": after, "is_admin": user.is_admin, "limit": limit + 1},
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {
+            "items": [listing_json(r) for r in rows],
+            "next_cursor": encode_cursor(rows[-1]["id"]) if more and rows else None,
+        }
+
+    async def get(self, user: User, channel_id: int) -> dict[str, Any]:
+        async with self.db.connection() as tx:
+            row = await visible_channel(tx, user, channel_id)
+            row["member_count"] = await tx.fetchval(
+                "SELECT count(*) FROM channel_members WHERE channel_id = %s", (channel_id,)
+            )
+        return channel_json(row)
+
+    async def update(
+        self, user: User, channel_id: int, *, name: str | None, topic: str | None
+    ) -> dict[str, Any]:
+        try:
+            async with self.db.transaction() as tx:
+                row = await visible_channel(tx, user, channel_id, lock=True)
+                require_manager(user, row)
+                updated = await tx.fetchrow(
+                    "UPDATE channels SET name = COALESCE(%s, name), topic = COALESCE(%s, topic),"
+                    " updated_at = now() WHERE id = %s RETURNING *",
+                    (name, topic, channel_id),
+                )
+                assert updated is not None
+                row = updated
+                row["member_count"] = await tx.fetchval(
+                    "SELECT count(*) FROM channel_members WHERE channel_id = %s", (channel_id,)
+                )
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(f"channel name {name!r} is taken", code="name_taken") from None
+        return channel_json(row)
+
+    async def delete(self, user: User, channel_id: int) -> None:
+        async with self.db.transaction() as tx:
+            row = await visible_channel(tx, user, channel_id, lock=True)
+            require_manager(user, row)
+            await tx.execute("DELETE FROM channels WHERE id = %s", (channel_id,))
+        await self.bus.channel_deleted(channel_id)
+
+    async def add_member(self, user: User, channel_id: int, member_id: int) -> None:
+        """Creator or admin adds anyone; anyone may join a public channel themselves."""
+        async with self.db.transaction() as tx:
+            row = await visible_channel(tx, user, channel_id)
+            if not (member_id == user.id and not row["is_private"]):
+                require_manager(user, row)
+            exists = await tx.fetchval("SELECT 1 FROM users WHERE id = %s", (member_id,))
+            if exists is None:
+                raise NotFound("user not found", code="user_not_found")
+            await tx.execute(
+                "INSERT INTO channel_members (channel_id, user_id, last_read_message_id)"
+                " VALUES (%s, %s,"
+                "   COALESCE((SELECT max(id) FROM messages WHERE channel_id = %s), 0))"
+                " ON CONFLICT DO NOTHING",
+                (channel_id, member_id, channel_id),
+            )
+
+    async def remove_member(self, user: User, channel_id: int, member_id: int) -> None:
+        """Creator or admin removes anyone; a member may leave. Open streams are revoked."""
+        async with self.db.transaction() as tx:
+            row = await visible_channel(tx, user, channel_id)
+            if member_id != user.id:
+                require_manager(user, row)
+            deleted = await tx.execute(
+                "DELETE FROM channel_members WHERE channel_id = %s AND user_id = %s",
+                (channel_id, member_id),
+            )
+            if deleted == 0:
+                raise NotFound("not a member of this channel", code="member_not_found")
+        await self.bus.member_removed(channel_id, member_id)

@@ -1,0 +1,96 @@
+"""Messages: posting (stored, then published) and paging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.bus import EventBus
+from shared.db.pool import Database, Row, Tx
+from shared.models import User, message_json
+from shared.services.channels import visible_channel
+
+MESSAGE_COLUMNS = "m.id, m.channel_id, m.author_id, u.name AS author_name, m.body, m.created_at"
+MAX_BODY_CHARS = 10_000
+
+
+async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> dict[str, Any]:
+    """Store a message in the caller's transaction (also used by delayed delivery)."""
+    row = await tx.fetchrow(
+        "WITH m AS (INSERT INTO messages (channel_id, author_id, body) VALUES (%s, %s, %s)"
+        "  RETURNING *)"
+        f" SELECT {MESSAGE_COLUMNS} FROM m JOIN users u ON u.id = m.author_id",
+        (channel_id, author_id, body),
+    )
+    assert row is not None
+    # The author has read what they wrote.
+    await tx.execute(
+        "UPDATE channel_members SET last_read_message_id = %s"
+        " WHERE channel_id = %s AND user_id = %s AND last_read_message_id < %s",
+        (row["id"], channel_id, author_id, row["id"]),
+    )
+    return message_json(row)
+
+
+class MessageService:
+    def __init__(self, *, db: Database, bus: EventBus) -> None:
+        self.db = db
+        self.bus = bus
+
+    async def post(self, user: User, channel_id: int, body: str) -> dict[str, Any]:
+        """Store the message, commit, then publish it to every server process."""
+        async with self.db.transaction() as tx:
+            await visible_channel(tx, user, channel_id)
+            message = await insert_message(tx, channel_id, user.id, body)
+        await self.bus.message_posted(message)
+        return message
+
+    async def page(
+        self,
+        user: User,
+        channel_id: int,
+        *,
+        before: int | None,
+        after: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Messages in id order. With ``after``: the oldest after it; otherwise the newest
+        (before ``before`` if given). Reading marks the channel read up to the newest seen."""
+        async with self.db.connection() as tx:
+            channel = await visible_channel(tx, user, channel_id)
+            conds = ["m.channel_id = %s"]
+            params: list[Any] = [channel_id]
+            if before is not None:
+                conds.append("m.id < %s")
+                params.append(before)
+            if after is not None:
+                conds.append("m.id > %s")
+                params.append(after)
+            order = "ASC" if after is not None else "DESC"
+            rows: list[Row] = await tx.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.author_id"
+                f" WHERE {' AND '.join(conds)} ORDER BY m.id {order} LIMIT %s",
+                (*params, limit),
+            )
+            rows.sort(key=lambda r: r["id"])
+            if rows and channel["is_member"]:
+                await tx.execute(
+                    "UPDATE channel_members SET last_read_message_id = %s"
+                    " WHERE channel_id = %s AND user_id = %s AND last_read_message_id < %s",
+                    (rows[-1]["id"], channel_id, user.id, rows[-1]["id"]),
+                )
+        return [message_json(r) for r in rows]
+
+    async def since(self, channel_id: int, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` messages with id > ``after_id``, oldest first (SSE replay)."""
+        rows = await self.db.fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.author_id"
+            " WHERE m.channel_id = %s AND m.id > %s ORDER BY m.id LIMIT %s",
+            (channel_id, after_id, limit),
+        )
+        return [message_json(r) for r in rows]
+
+    async def newest_id(self, channel_id: int) -> int:
+        value = await self.db.fetchval(
+            "SELECT COALESCE(max(id), 0) FROM messages WHERE channel_id = %s", (channel_id,)
+        )
+        return int(value)

@@ -1,0 +1,60 @@
+"""Users and their API tokens (stored as sha256, shown once)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import psycopg2.errors
+
+from shared.db.pool import Database
+from shared.errors import Conflict, NotFound, ValidationError
+from shared.models import User
+from shared.validation import check_storable
+
+MAX_TOKEN_LEN = 256
+
+
+def hash_token(token: str) -> bytes:
+    # Tokens are 256 random bits, so a fast hash is enough: no dictionary to attack.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+class UserService:
+    def __init__(self, *, db: Database) -> None:
+        self.db = db
+
+    async def create(self, name: str, *, is_admin: bool = False) -> tuple[User, str]:
+        """Create a user; returns it with its token, which is never stored in clear."""
+        name = name.strip()
+        check_storable(name, "name")
+        if not 1 <= len(name) <= 80 or not name.isprintable():
+            raise ValidationError("name: 1-80 printable characters")
+        token = "hrd_" + secrets.token_urlsafe(32)
+        try:
+            row = await self.db.fetchrow(
+                "INSERT INTO users (name, is_admin, token_hash) VALUES (%s, %s, %s)"
+                " RETURNING id, name, is_admin",
+                (name, is_admin, hash_token(token)),
+            )
+        except psycopg2.errors.UniqueViolation:
+            raise Conflict(f"user {name!r} exists", code="name_taken") from None
+        assert row is not None
+        return User(row["id"], row["name"], row["is_admin"]), token
+
+    async def authenticate(self, token: str) -> User | None:
+        """The user a token belongs to, or None."""
+        if not token or len(token) > MAX_TOKEN_LEN:
+            return None
+        row = await self.db.fetchrow(
+            "SELECT id, name, is_admin FROM users WHERE token_hash = %s", (hash_token(token),)
+        )
+        return None if row is None else User(row["id"], row["name"], row["is_admin"])
+
+    async def get(self, user_id: int) -> User:
+        row = await self.db.fetchrow(
+            "SELECT id, name, is_admin FROM users WHERE id = %s", (user_id,)
+        )
+        if row is None:
+            raise NotFound("user not found", code="user_not_found")
+        return User(row["id"], row["name"], row["is_admin"])

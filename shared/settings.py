@@ -1,0 +1,202 @@
+"""Herald's settings: read from the environment (and an optional ``.env``) in one place."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names the variable in one line."""
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a minimal ``KEY=VALUE`` file (comments, blank lines, optional quotes)."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: cannot read .env file ({exc.__class__.__name__})") from exc
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SettingsError(f"{path}:{lineno}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SettingsError(f"{name}: expected a finite number, got {raw!r}")
+    if value < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum:g}, got {value:g}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    raw = (env.get(name) or default).strip()
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise SettingsError(f"{name}: not a valid URL") from None
+    if parts.scheme not in schemes:
+        raise SettingsError(f"{name}: scheme must be one of {', '.join(schemes)}")
+    if not parts.hostname and "host=" not in parts.query and parts.scheme != "unix":
+        raise SettingsError(f"{name}: URL has no host")
+    return raw
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default, minimum=0)
+    if value > 65535:
+        raise SettingsError(f"{name}: must be a port number 0-65535, got {value}")
+    return value
+
+
+def _networks(
+    env: Mapping[str, str], name: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    raw = env.get(name, "")
+    nets = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise SettingsError(f"{name}: {item!r} is not an IP network (CIDR)") from None
+    return tuple(nets)
+
+
+def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
+    origins = set()
+    for item in env.get(name, "").split(","):
+        item = item.strip().rstrip("/")
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise SettingsError(f"{name}: {item!r} is not an origin like https://app.example.com")
+        origins.add(item.lower())
+    return frozenset(origins)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = "postgresql://localhost/herald"
+    redis_url: str = "redis://localhost:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upload_dir: Path = Path("./var/uploads")
+    max_upload_bytes: int = 26_214_400
+    cron_secret: str | None = None
+    sse_heartbeat_s: float = 15.0
+    sse_stale_s: float = 30.0
+    sse_max_per_ip: int = 5
+    sse_max_connections: int = 1000
+    shutdown_timeout_s: float = 5.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    queue_max: int = 10_000
+    queue_alert: int = 8_000
+    queue_max_per_user: int = 500
+    cleanup_batch: int = 1000
+    queue_retention_s: int = 86_400
+    sse_buffer_bytes: int = 1_048_576
+    cache_ttl_s: int = 300
+    slow_query_ms: float = 100.0
+    orphan_grace_s: int = 3600
+    cors_origins: frozenset[str] = field(default_factory=frozenset)
+    delivery_max_lateness_s: int = 300
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")
+    ) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``) over an optional ``.env``."""
+        merged: dict[str, str] = {}
+        if dotenv is not None:
+            merged.update(read_dotenv(dotenv))
+        merged.update(os.environ if env is None else env)
+        e = merged
+        queue_max = _int(e, "HERALD_QUEUE_MAX", 10_000, minimum=1)
+        queue_alert = _int(e, "HERALD_QUEUE_ALERT", 8_000, minimum=1)
+        if queue_alert > queue_max:
+            raise SettingsError(
+                f"HERALD_QUEUE_ALERT: {queue_alert} is above HERALD_QUEUE_MAX ({queue_max})"
+            )
+        upload_raw = e.get("HERALD_UPLOAD_DIR", "").strip() or "./var/uploads"
+        if "\x00" in upload_raw:
+            raise SettingsError("HERALD_UPLOAD_DIR: contains a NUL byte")
+        cron = e.get("CRON_SECRET", "").strip() or None
+        host = e.get("HERALD_HOST", "").strip() or "127.0.0.1"
+        return cls(
+            database_url=_url(
+                e, "DATABASE_URL", "postgresql://localhost/herald", ("postgresql", "postgres")
+            ),
+            redis_url=_url(e, "REDIS_URL", "redis://localhost:6379/0", ("redis", "rediss", "unix")),
+            host=host,
+            port=_port(e, "HERALD_PORT", 8080),
+            upload_dir=Path(upload_raw),
+            max_upload_bytes=_int(e, "HERALD_MAX_UPLOAD_BYTES", 26_214_400, minimum=1),
+            cron_secret=cron,
+            sse_heartbeat_s=_float(e, "HERALD_SSE_HEARTBEAT_S", 15.0, minimum=0.01),
+            sse_stale_s=_float(e, "HERALD_SSE_STALE_S", 30.0, minimum=0.01),
+            sse_max_per_ip=_int(e, "HERALD_SSE_MAX_PER_IP", 5, minimum=1),
+            sse_max_connections=_int(e, "HERALD_SSE_MAX_CONNECTIONS", 1000, minimum=1),
+            shutdown_timeout_s=_float(e, "HERALD_SHUTDOWN_TIMEOUT_S", 5.0),
+            trusted_proxies=_networks(e, "HERALD_TRUSTED_PROXIES"),
+            queue_max=queue_max,
+            queue_alert=queue_alert,
+            queue_max_per_user=_int(e, "HERALD_QUEUE_MAX_PER_USER", 500, minimum=1),
+            cleanup_batch=_int(e, "HERALD_CLEANUP_BATCH", 1000, minimum=1),
+            queue_retention_s=_int(e, "HERALD_QUEUE_RETENTION_S", 86_400),
+            sse_buffer_bytes=_int(e, "HERALD_SSE_BUFFER_BYTES", 1_048_576, minimum=1024),
+            cache_ttl_s=_int(e, "HERALD_CACHE_TTL_S", 300),
+            slow_query_ms=_float(e, "HERALD_SLOW_QUERY_MS", 100.0),
+            orphan_grace_s=_int(e, "HERALD_ORPHAN_GRACE_S", 3600),
+            cors_origins=_origins(e, "HERALD_CORS_ORIGINS"),
+            delivery_max_lateness_s=_int(e, "HERALD_DELIVERY_MAX_LATENESS_S", 300, minimum=1),
+        )
+
+    @property
+    def redis_db(self) -> int:
+        """The Redis database number in ``REDIS_URL`` (pub/sub names include it)."""
+        path = urlsplit(self.redis_url).path.strip("/")
+        return int(path) if path.isdigit() else 0

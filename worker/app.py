@@ -1,0 +1,79 @@
+"""The arq worker: its functions, cron jobs and lifecycle, built from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from arq import Worker
+from arq.cron import CronJob
+from arq.worker import Function
+
+from shared.bus import arq_settings, redis_client
+from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
+from shared.settings import Settings
+from worker.context import CTX_KEY, close_context, open_context
+
+logger = logging.getLogger(__name__)
+
+
+async def ping(ctx: dict[str, Any]) -> str:
+    """A no-op job: proves a worker picks jobs up."""
+    return "pong"
+
+
+def functions() -> list[Function | Any]:
+    return [ping]
+
+
+def cron_jobs() -> list[CronJob]:
+    return []
+
+
+def build_worker(settings: Settings, **overrides: Any) -> Worker:
+    """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc."""
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx[CTX_KEY] = await open_context(settings)
+        logger.info("worker started")
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        if CTX_KEY in ctx:
+            await close_context(ctx[CTX_KEY])
+
+    kwargs: dict[str, Any] = {
+        "functions": functions(),
+        "cron_jobs": cron_jobs(),
+        "redis_settings": arq_settings(settings),
+        "queue_name": QUEUE_NAME,
+        "on_startup": on_startup,
+        "on_shutdown": on_shutdown,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "health_check_key": WORKER_HEALTH_KEY,
+        "max_jobs": 20,
+        "job_timeout": 600,
+        "keep_result": 3600,
+    }
+    kwargs.update(overrides)
+    return Worker(**kwargs)
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then close connections."""
+    worker = build_worker(settings)
+    try:
+        await worker.async_run()
+    except asyncio.CancelledError:
+        pass  # arq's signal handler cancels the main task: that is a normal stop
+    finally:
+        await worker.close()
+
+
+async def check(settings: Settings) -> bool:
+    """True when a worker's health-check key is fresh (written within its interval)."""
+    client = redis_client(settings)
+    try:
+        return bool(await client.exists(WORKER_HEALTH_KEY))
+    finally:
+        await client.aclose()
