@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Extra options: make run RUN_ARGS="--embedded" (see docs/runbook.md).
 run: $(STAMP)
-	$(BIN)/python -m herald.devrun
+	$(BIN)/python -m herald.devrun $(RUN_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
