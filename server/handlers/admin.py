@@ -1,0 +1,60 @@
+"""``GET /api/v1/admin/audit``: the audit trail, filtered, newest first (admins only)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from server.keys import AUDIT
+from server.middlewares import current_user
+from shared.errors import Forbidden, ValidationError
+from shared.validation import check_storable, parse_id, parse_int_param
+
+MAX_LIMIT = 1000
+MAX_FILTER_CHARS = 1024
+
+
+def _text(request: web.Request, name: str) -> str | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    check_storable(raw, name)
+    if len(raw) > MAX_FILTER_CHARS:
+        raise ValidationError(f"{name}: at most {MAX_FILTER_CHARS} characters")
+    return raw
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    """An RFC 3339 time; without an offset it is taken as UTC."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > 64:
+        raise ValidationError(f"{name}: not an RFC 3339 time")
+    try:
+        value = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise ValidationError(f"{name}: not an RFC 3339 time") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    """Filters: ``action``, ``target_type``, ``target_id``, ``since``/``until`` (RFC 3339,
+    since inclusive, until exclusive), ``before`` (an id: page backwards), ``limit``."""
+    user = current_user(request)
+    if not user.is_admin:
+        raise Forbidden("admins only")
+    before_raw = request.query.get("before")
+    items = await request.app[AUDIT].query(
+        action=_text(request, "action"),
+        target_type=_text(request, "target_type"),
+        target_id=_text(request, "target_id"),
+        since=_time(request, "since"),
+        until=_time(request, "until"),
+        before_id=parse_id(before_raw, "before") if before_raw else None,
+        limit=parse_int_param(
+            request.query.get("limit"), "limit", default=100, minimum=1, maximum=MAX_LIMIT
+        ),
+    )
+    return web.json_response({"items": items})
