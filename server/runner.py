@@ -1,19 +1,34 @@
-"""Running the server process: access log without secrets, signals, graceful drain."""
+"""Running the server process: access log without secrets, signals, graceful drain.
+
+On SIGTERM or SIGINT: /health and new streams answer 503 at once; the listening socket
+closes (a load balancer routes elsewhere, browsers retry a refused connection); idle
+keep-alive connections close; every stream gets ``close`` (shutdown, jittered
+``reconnect_after_ms``) and up to HERALD_SHUTDOWN_TIMEOUT_S to end, then is dropped;
+REST requests in flight get what is left of that window; resources close; exit 0.
+A second signal drops the remaining streams at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import re
+import signal
+import time
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from server.app import init_app
+from server.app import begin_draining, init_app
+from server.keys import SETTINGS, STREAMS
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 SECRET_PARAMS = re.compile(r"((?:access_token|token)=)[^&\s]*", re.IGNORECASE)
+# REST requests in flight always get at least this long after the streams drained.
+REST_GRACE_S = 0.25
 
 
 def redact(path_qs: str) -> str:
@@ -33,16 +48,99 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+class DrainingRunner(web.AppRunner):
+    """aiohttp's shutdown order (stop listening, close idle connections, on_shutdown,
+    wait for handlers, cancel, cleanup) with one deadline for all of it: on_shutdown
+    drains the streams; requests still running get only what remains of the window."""
+
+    async def shutdown(self) -> None:
+        started = time.monotonic()
+        await super().shutdown()
+        window = self.app[SETTINGS].shutdown_timeout_s
+        # aiohttp reads this attribute for its wait on running handlers (run_app sets it
+        # the same way); set here, the total stays near HERALD_SHUTDOWN_TIMEOUT_S.
+        self._shutdown_timeout = max(REST_GRACE_S, started + window - time.monotonic())
+
+
+class HeraldServer:
+    """One server process's HTTP side: start listening, later drain and stop."""
+
+    def __init__(self, settings: Settings, app: web.Application | None = None) -> None:
+        self.settings = settings
+        self.app = app if app is not None else init_app(settings)
+        self.runner = DrainingRunner(
+            self.app,
+            access_log_class=AccessLogger,
+            shutdown_timeout=settings.shutdown_timeout_s,
+            handle_signals=False,
+        )
+        self.port = 0
+
+    async def start(self, host: str | None = None, port: int | None = None) -> None:
+        await self.runner.setup()
+        try:
+            site = web.TCPSite(
+                self.runner,
+                self.settings.host if host is None else host,
+                self.settings.port if port is None else port,
+                reuse_address=True,
+            )
+            await site.start()
+        except BaseException:
+            await self.runner.cleanup()
+            raise
+        for address in self.runner.addresses:
+            self.port = int(address[1])
+            logger.info("Herald listening on http://%s:%d", address[0], address[1])
+
+    async def stop(self) -> None:
+        """The drain described above; returns when everything is closed."""
+        begin_draining(self.app)
+        await self.runner.cleanup()
+
+    def drop_streams(self) -> None:
+        for stream in list(self.app[STREAMS].streams.values()):
+            stream.abort()
+
+
+def tune_gc() -> None:
+    """Start-up objects (modules, app, pools) move to a generation the collector never
+    scans, and the first generation collects less often: with thousands of streams
+    open, full passes over objects that never die were the fan-out tail (see
+    docs/sse.md, bench/sse.py)."""
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(10_000, second, third)
+
+
+async def run(settings: Settings) -> None:
+    server = HeraldServer(settings)
+    await server.start()
+    tune_gc()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: dropping open streams now", signal.Signals(signum).name)
+            server.drop_streams()
+            return
+        logger.info("%s: draining", signal.Signals(signum).name)
+        begin_draining(server.app)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await stop.wait()
+        await server.stop()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    logger.info("Herald stopped")
+
+
 def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT: stop listening, close streams, drain, exit."""
-    app = init_app(settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout_s,
-        access_log_class=AccessLogger,
-        print=lambda _msg: logger.info(
-            "Herald listening on http://%s:%d", settings.host, settings.port
-        ),
-    )
+    """Serve until SIGTERM/SIGINT, then drain and return (the process exits 0)."""
+    asyncio.run(run(settings))

@@ -1,4 +1,10 @@
-"""``GET /api/v1/channels/{id}/events``: the SSE stream of one channel."""
+"""``GET /api/v1/channels/{id}/events``: the SSE stream of one channel.
+
+Order matters: auth (middleware), input, visibility (404), then limits and registration
+in one step, then the response starts. Until registration nothing is held; after it,
+the ``finally`` below releases everything on every exit path (client gone, error,
+cancellation, shutdown).
+"""
 
 from __future__ import annotations
 
@@ -7,81 +13,93 @@ import logging
 import time
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
-from server.keys import CHANNELS, SETTINGS, STREAMS
+from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
 from server.middlewares import current_user
-from server.sse.frames import encode
-from server.sse.manager import Stream
+from server.sse import frames
+from server.sse.clientip import client_ip
+from server.sse.manager import StreamManager
+from server.sse.replay import parse_last_event_id, replay
+from server.sse.stream import CLOSING, Stream
 from shared.validation import parse_id
 
 logger = logging.getLogger(__name__)
 
-RETRY_MS = 3000
-
-
-class HeraldEventSource(EventSourceResponse):
-    """aiohttp-sse's response without its per-connection ping task: heartbeats are ours."""
-
-    async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
-        if not self.prepared:
-            writer = await web.StreamResponse.prepare(self, request)
-            self.enable_chunked_encoding()
-            return writer
-        return self._payload_writer
-
-
-def client_ip(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return str(peer[0]) if peer else "unknown"
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+# How often a stream closed as stale or slow checks whether its close event left.
+FLUSH_POLL_S = 0.05
 
 
 async def channel_events(request: web.Request) -> web.StreamResponse:
     user = current_user(request)
     channel_id = parse_id(request.match_info["channel_id"], "channel id")
-    settings = request.app[SETTINGS]
-    await request.app[CHANNELS].get(user, channel_id)  # 404 unless visible
-    manager = request.app[STREAMS]
-    stream = Stream(channel_id=channel_id, user_id=user.id, ip=client_ip(request))
-    manager.register(stream)
-    response = HeraldEventSource()
+    after_id = parse_last_event_id(request)
+    app = request.app
+    settings = app[SETTINGS]
+    manager = app[STREAMS]
+    await app[CHANNELS].get(user, channel_id)  # 404 unless the caller may see it
+    ip = client_ip(request, settings.trusted_proxies)
+    stream = manager.open(
+        channel_id=channel_id, user_id=user.id, ip=ip, transport=request.transport
+    )
+    logger.debug("SSE %s opened: channel %d user %d", stream.id, channel_id, user.id)
+    response = web.StreamResponse(headers=SSE_HEADERS)
     try:
-        await response.prepare(request)
-        await response.write(
-            encode(
-                "ready",
-                {
-                    "connection_id": stream.id,
-                    "channel_id": channel_id,
-                    "heartbeat_s": settings.sse_heartbeat_s,
-                },
-                retry=RETRY_MS,
-            )
-        )
-        while stream.close_reason is None:
-            try:
-                await asyncio.wait_for(stream.wake.wait(), settings.sse_heartbeat_s)
-            except TimeoutError:
-                stream.push(encode("heartbeat", {"ts": int(time.time())}))
-            stream.wake.clear()
-            while stream.pending:
-                frame = stream.pending.popleft()
-                stream.pending_bytes -= len(frame)
-                await response.write(frame)
-                stream.events_sent += 1
-                stream.last_write_at = time.time()
-        reconnect = RETRY_MS
-        await response.write(
-            encode(
-                "close",
-                {"reason": stream.close_reason, "reconnect_after_ms": reconnect},
-                retry=reconnect,
-            )
-        )
-        await response.write_eof()
-        return response
+        # One stream per connection: the connection ends with the stream, which also
+        # frees the socket at once when the stream was dropped.
+        response.force_close()
+        if request.version >= (1, 1):
+            response.enable_chunked_encoding()
+        else:
+            stream.chunked = False  # HTTP/1.0: the body ends when the connection does
+        stream.writer = await response.prepare(request)
+        manager.note_write(stream)
+        await response.write(frames.ready(stream.id, channel_id, settings.sse_heartbeat_s))
+        stream.events_sent += 1
+        manager.count_sent("ready")
+        if after_id is not None:
+            await replay(stream, response, app[MESSAGES], manager, after_id)
+        manager.go_live(stream)
+        await stream.done
+        await finish(stream, response, manager)
     except ConnectionError:
-        # The client went away mid-write: nothing left to answer.
-        return response
+        pass  # the client went away mid-write: nothing left to answer
+    except Exception:
+        if not response.prepared:
+            raise  # nothing sent yet: the error middleware answers
+        # Headers are out, so no error answer is possible: drop the connection; the
+        # client reconnects with Last-Event-ID and loses nothing.
+        logger.exception("SSE %s failed", stream.id)
+        stream.abort()
     finally:
         manager.unregister(stream)
+        logger.debug("SSE %s ended: %s", stream.id, stream.close_reason or "gone")
+    return response
+
+
+async def finish(stream: Stream, response: web.StreamResponse, manager: StreamManager) -> None:
+    """End the response after a close: the ``close`` event (if SETUP did not let the
+    manager write it), the end of the body, and for a reader that stopped reading, a
+    bounded wait for it to take that before the connection is dropped."""
+    if stream.close_reason is None or stream.is_gone():
+        return  # the peer is gone
+    if stream.state != CLOSING:
+        stream.state = CLOSING
+        await response.write(manager.close_frame(stream).raw)
+    await response.write_eof()
+    if stream.close_reason in ("stale", "slow_consumer"):
+        await flush_or_drop(stream)
+
+
+async def flush_or_drop(stream: Stream) -> None:
+    while not stream.is_gone() and stream.transport is not None:
+        if stream.transport.get_write_buffer_size() == 0:
+            return
+        if time.monotonic() >= stream.closing_deadline:
+            stream.abort()
+            return
+        await asyncio.sleep(FLUSH_POLL_S)

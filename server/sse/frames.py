@@ -1,9 +1,25 @@
-"""Server-Sent Events wire format: each frame encoded once, written to many streams."""
+"""Server-Sent Events wire format: each frame encoded once, written to many streams.
+
+A frame exists in two forms: ``raw`` (the SSE bytes) and ``chunked`` (the same bytes in
+one HTTP/1.1 chunk). Streams are written straight to their transport, bypassing
+aiohttp's payload writer, so the chunk framing is done here, once per event rather than
+once per subscriber. HTTP/1.0 streams (no chunked encoding) take the raw form.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import Any, NamedTuple
+
+# The ``retry:`` sent with ``ready``: how long a browser waits before reconnecting after
+# the connection drops without a ``close`` event.
+READY_RETRY_MS = 3000
+
+
+class Frame(NamedTuple):
+    raw: bytes
+    chunked: bytes
 
 
 def encode(event: str, data: Any, *, id: int | None = None, retry: int | None = None) -> bytes:
@@ -17,3 +33,44 @@ def encode(event: str, data: Any, *, id: int | None = None, retry: int | None = 
     # json.dumps escapes newlines inside strings, so the payload stays on one line.
     lines.append("data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False))
     return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def chunk(raw: bytes) -> bytes:
+    """``raw`` as one HTTP/1.1 chunk."""
+    return b"%x\r\n%b\r\n" % (len(raw), raw)
+
+
+def frame(event: str, data: Any, *, id: int | None = None, retry: int | None = None) -> Frame:
+    raw = encode(event, data, id=id, retry=retry)
+    return Frame(raw, chunk(raw))
+
+
+def ready(connection_id: str, channel_id: int, heartbeat_s: float) -> bytes:
+    return encode(
+        "ready",
+        {"connection_id": connection_id, "channel_id": channel_id, "heartbeat_s": heartbeat_s},
+        retry=READY_RETRY_MS,
+    )
+
+
+def message(msg: dict[str, Any]) -> Frame:
+    """A ``message`` event: the only kind (with ``reset``) that carries ``id:``."""
+    return frame("message", msg, id=int(msg["id"]))
+
+
+def heartbeat(ts: float | None = None) -> Frame:
+    return frame("heartbeat", {"ts": int(time.time() if ts is None else ts)})
+
+
+def reset(last_id: int) -> bytes:
+    """More was missed than replay covers: the client refetches up to ``last_id``."""
+    return encode("reset", {"last_id": last_id}, id=last_id)
+
+
+def close(reason: str, reconnect_after_ms: int) -> Frame:
+    """``retry:`` first, since browsers honour only that, then the ``close`` event."""
+    return frame(
+        "close",
+        {"reason": reason, "reconnect_after_ms": reconnect_after_ms},
+        retry=reconnect_after_ms,
+    )

@@ -1,0 +1,620 @@
+"""SSE benchmark: Herald's stream manager against the stock aiohttp-sse pattern.
+
+    .venv/bin/python bench/sse.py             # full run (0/1000/5000/10000 streams), ~2-3 min
+    .venv/bin/python bench/sse.py --quick     # 1000 streams only
+    .venv/bin/python bench/sse.py --compare-gc  # Herald also without tune_gc()
+
+Three processes: this driver; one server (``herald`` = server.runner.run, the same code
+``herald serve`` runs, or ``stock`` = a queue and an aiohttp-sse ping task per
+connection, no manager); one client process holding every connection, spread over
+127.0.1.1-127.0.1.200. Figures are printed, never asserted.
+
+Needs PostgreSQL and Redis (HERALD_BENCH_PG, default postgres@127.0.0.1:5432;
+HERALD_BENCH_REDIS, default redis://127.0.0.1:6379/11). A throwaway database is
+created and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, bench/ is sys.path[0]: a sibling named like a stdlib module (queue.py)
+# would shadow it in every process this starts. Import from the project root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+ADMIN_PG = os.environ.get("HERALD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/11")
+ADDRESSES = [f"127.0.1.{i}" for i in range(1, 201)]
+MARK = re.compile(rb"mk:(\d+):")
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    for port in range(21000, 22000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 21000-21999")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- the stock pattern: a queue and a ping task per connection, no manager ----------------
+
+
+def stock_server(port: int) -> None:
+    from aiohttp import web
+    from aiohttp_sse import sse_response
+
+    subscribers: set[asyncio.Queue[str]] = set()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        subscribers.add(queue)
+        try:
+            async with sse_response(request, ping_interval=15) as resp:
+                await resp.send("{}", event="ready")
+                while resp.is_connected():
+                    data = await queue.get()
+                    await resp.send(data, event="message")
+        except ConnectionError:
+            pass
+        finally:
+            subscribers.discard(queue)
+        return resp
+
+    async def publish(request: web.Request) -> web.Response:
+        data = await request.text()
+        for queue in subscribers:
+            queue.put_nowait(data)
+        return web.Response(text="ok")
+
+    async def count(_request: web.Request) -> web.Response:
+        return web.json_response({"active": len(subscribers)})
+
+    app = web.Application()
+    app.router.add_get("/events", events)
+    app.router.add_post("/publish", publish)
+    app.router.add_get("/count", count)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def herald_server(gc_tune: bool) -> None:
+    import logging
+
+    import server.runner as runner
+    from shared.settings import Settings
+
+    logging.basicConfig(level=logging.WARNING)
+    if not gc_tune:
+        runner.tune_gc = lambda: None
+    asyncio.run(runner.run(Settings.from_env(dotenv=None)))
+
+
+# -- the client process ---------------------------------------------------------------------
+
+
+class Conn(asyncio.Protocol):
+    def __init__(self, client: Clients) -> None:
+        self.client = client
+        self.ready = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.last = -1
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        if not self.ready.done():
+            if b"event: ready" in data:
+                self.ready.set_result(None)
+            elif data.startswith(b"HTTP/1.1 4") or data.startswith(b"HTTP/1.1 5"):
+                self.ready.set_exception(RuntimeError(data[:12].decode()))
+        if b"mk:" in data:
+            for m in MARK.finditer(self.tail + data):
+                seq = int(m.group(1))
+                if seq > self.last:
+                    self.last = seq
+                    self.client.times.setdefault(seq, []).append(now)
+        self.tail = data[-16:]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("lost"))
+
+
+class Clients:
+    def __init__(self) -> None:
+        self.conns: list[Conn] = []
+        self.times: dict[int, list[float]] = {}
+        self.opened = 0
+
+    async def open_one(self, host: str, port: int, request: bytes, ip: str) -> Conn:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: Conn(self), host, port, local_addr=(ip, 0))
+        assert conn.transport is not None
+        conn.transport.write(request)
+        await asyncio.wait_for(conn.ready, 30)
+        return conn
+
+    async def open(self, n: int, host: str, port: int, request: str) -> dict[str, Any]:
+        raw = request.encode()
+        gate = asyncio.Semaphore(200)
+        failed = 0
+
+        async def one(i: int) -> None:
+            nonlocal failed
+            async with gate:
+                try:
+                    ip = ADDRESSES[(self.opened + i) % len(ADDRESSES)]
+                    self.conns.append(await self.open_one(host, port, raw, ip))
+                except Exception:
+                    failed += 1
+
+        start = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        self.opened += n
+        return {"elapsed": time.monotonic() - start, "failed": failed, "open": len(self.conns)}
+
+    async def wait(self, seqs: list[int], count: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while any(len(self.times.get(s, ())) < count for s in seqs):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.002)
+        out = {}
+        for s in seqs:
+            ts = self.times.get(s, [])
+            out[str(s)] = {
+                "n": len(ts),
+                "first": min(ts, default=0),
+                "last": max(ts, default=0),
+                "p50": pct(ts, 0.5) if ts else 0,
+                "p99": pct(ts, 0.99) if ts else 0,
+            }
+        return out
+
+    def close(self) -> dict[str, Any]:
+        n = len(self.conns)
+        for c in self.conns:
+            if c.transport is not None:
+                c.transport.close()
+        self.conns.clear()
+        self.times.clear()
+        return {"closed": n}
+
+
+async def client_main() -> None:
+    import gc
+
+    # The client process is not under test: keep its collector out of the timings.
+    gc.disable()
+    clients = Clients()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        cmd = json.loads(line)
+        if cmd["cmd"] == "open":
+            out = await clients.open(cmd["n"], cmd["host"], cmd["port"], cmd["request"])
+        elif cmd["cmd"] == "wait":
+            out = await clients.wait(cmd["seqs"], cmd["count"], cmd["timeout"])
+        elif cmd["cmd"] == "close":
+            out = clients.close()
+            await asyncio.sleep(0.2)
+        else:
+            out = {"error": "unknown"}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+class ClientProc:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "_clients"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Target:
+    """One server under test: how to start it, open a stream, post, count streams."""
+
+    name = ""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seq = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def wait_up(self, session: Any) -> None:
+        for _ in range(300):
+            try:
+                async with session.get(f"http://127.0.0.1:{self.port}{self.probe}") as resp:
+                    if resp.status < 500:
+                        return
+            except OSError:
+                pass
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class HeraldTarget(Target):
+    probe = "/health"
+
+    def __init__(self, port: int, env: dict[str, str], gc_tune: bool = True) -> None:
+        super().__init__(port)
+        self.name = "herald" if gc_tune else "herald-nogc"
+        self.env = env
+        self.gc_tune = gc_tune
+        self.token = ""
+        self.channel_id = 0
+
+    def start(self) -> None:
+        args = [sys.executable, __file__, "_herald_server"] + ([] if self.gc_tune else ["--no-gc"])
+        self.proc = subprocess.Popen(
+            args, env={**os.environ, **self.env, "HERALD_PORT": str(self.port)}
+        )
+
+    def request(self) -> str:
+        return (
+            f"GET /api/v1/channels/{self.channel_id}/events HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {self.token}\r\n\r\n"
+        )
+
+    async def post(self, session: Any, seq: int) -> None:
+        url = f"http://127.0.0.1:{self.port}/api/v1/channels/{self.channel_id}/messages"
+        async with session.post(
+            url, json={"body": f"mk:{seq}:"}, headers={"Authorization": f"Bearer {self.token}"}
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+
+    async def blast(self, session: Any, redis: Any, seqs: list[int]) -> None:
+        """Events straight onto the bus (fan-out capacity, not the REST path)."""
+        from shared.constants import events_channel
+
+        channel = events_channel(int(REDIS_URL.rsplit("/", 1)[1]))
+        for seq in seqs:
+            msg = {
+                "id": 10_000_000 + seq,
+                "channel_id": self.channel_id,
+                "author": {"id": 1, "name": "b"},
+                "body": f"mk:{seq}:",
+                "created_at": "x",
+            }
+            await redis.publish(
+                channel,
+                json.dumps({"type": "message", "channel_id": self.channel_id, "message": msg}),
+            )
+
+    async def active(self, session: Any) -> int:
+        async with session.get(f"http://127.0.0.1:{self.port}/health") as resp:
+            return int((await resp.json())["sse"]["active"])
+
+
+class StockTarget(Target):
+    name = "stock"
+    probe = "/count"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "_stock_server", str(self.port)])
+
+    def request(self) -> str:
+        return "GET /events HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def post(self, session: Any, seq: int) -> None:
+        async with session.post(f"http://127.0.0.1:{self.port}/publish", data=f"mk:{seq}:") as r:
+            assert r.status == 200
+
+    async def blast(self, session: Any, redis: Any, seqs: list[int]) -> None:
+        await asyncio.gather(*(self.post(session, s) for s in seqs))
+
+    async def active(self, session: Any) -> int:
+        async with session.get(f"http://127.0.0.1:{self.port}/count") as resp:
+            return int((await resp.json())["active"])
+
+
+async def measure(target: Target, clients: ClientProc, sizes: list[int]) -> dict[str, Any]:
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    res: dict[str, Any] = {}
+    redis = aioredis.Redis.from_url(REDIS_URL)
+    async with aiohttp.ClientSession() as session:
+        await target.wait_up(session)
+        if isinstance(target, HeraldTarget):
+            async with session.post(
+                f"http://127.0.0.1:{target.port}/api/v1/channels",
+                json={"name": f"bench-{target.name}-{target.port}"},
+                headers={"Authorization": f"Bearer {target.token}"},
+            ) as resp:
+                body = await resp.json()
+                assert resp.status == 201, body
+                target.channel_id = body["id"]
+        # warm up code paths, then the baseline
+        await clients.call(
+            cmd="open", n=50, host="127.0.0.1", port=target.port, request=target.request()
+        )
+        await target.post(session, target.seq)
+        target.seq += 1
+        await clients.call(cmd="close")
+        await asyncio.sleep(1.5)
+        res["rss0"] = rss_kb(target.pid)
+
+        async def settle() -> None:
+            for _ in range(100):
+                if isinstance(target, StockTarget):
+                    await target.post(session, target.seq)  # wakes handlers of gone clients
+                    target.seq += 1
+                if await target.active(session) == 0:
+                    return
+                await asyncio.sleep(0.1)
+
+        # Churn: 10 rounds of 1000 connect/disconnect. Growth is counted from the end of
+        # the first round (the allocator keeps what one round needed; a leak keeps growing).
+        for round_no in range(10):
+            await clients.call(
+                cmd="open", n=1000, host="127.0.0.1", port=target.port, request=target.request()
+            )
+            await clients.call(cmd="close")
+            await settle()
+            if round_no == 0:
+                await asyncio.sleep(1.0)
+                after_first = rss_kb(target.pid)
+        await asyncio.sleep(1.0)
+        res["churn_growth_kb"] = rss_kb(target.pid) - after_first
+        res["churn_registry"] = await target.active(session)
+
+        async def fanout(n: int, rounds: int) -> dict[str, float]:
+            lat, first, posted = [], [], []
+            for _ in range(rounds):
+                seq = target.seq
+                target.seq += 1
+                t0 = time.monotonic()
+                await target.post(session, seq)
+                posted.append((time.monotonic() - t0) * 1000)
+                got = (await clients.call(cmd="wait", seqs=[seq], count=n, timeout=30))[str(seq)]
+                assert got["n"] >= n, got
+                lat.append((got["last"] - t0) * 1000)
+                first.append((got["first"] - t0) * 1000)
+                await asyncio.sleep(0.05)
+            if os.environ.get("BENCH_DEBUG"):
+                print(
+                    f"   {target.name} n={n} first p50 {pct(first, 0.5):.1f} ms,"
+                    f" post p50 {pct(posted, 0.5):.1f} ms",
+                    flush=True,
+                )
+                if isinstance(target, HeraldTarget):
+                    async with session.get(f"http://127.0.0.1:{target.port}/metrics") as r:
+                        text = await r.text()
+                    vals = dict(
+                        re.findall(r"^herald_sse_fanout_seconds_(sum|count) (\S+)$", text, re.M)
+                    )
+                    mean_ms = float(vals["sum"]) / float(vals["count"]) * 1000
+                    print(f"   server-side fan-out mean {mean_ms:.2f} ms", flush=True)
+            return {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "max": max(lat)}
+
+        opened = 0
+        for n in sizes:
+            out = await clients.call(
+                cmd="open",
+                n=n - opened,
+                host="127.0.0.1",
+                port=target.port,
+                request=target.request(),
+            )
+            assert out["failed"] == 0, out
+            if n - opened >= 1000:
+                res.setdefault("connect_rate", (n - opened) / out["elapsed"])
+            opened = n
+            await asyncio.sleep(2.0)
+            res[f"rss{n}"] = rss_kb(target.pid)
+            if n in (1000, 10000):
+                res[f"fanout{n}"] = fanout_res = await fanout(n, 30 if n == 1000 else 15)
+                del fanout_res
+            if n == 1000:
+                seqs = list(range(target.seq, target.seq + 100))
+                target.seq += 100
+                t0 = time.monotonic()
+                await target.blast(session, redis, seqs)
+                got = await clients.call(cmd="wait", seqs=seqs, count=n, timeout=60)
+                last = max(v["last"] for v in got.values())
+                total = sum(v["n"] for v in got.values())
+                res["deliveries_per_s"] = total / (last - t0)
+        await clients.call(cmd="close")
+        await settle()
+    await redis.aclose()
+    return res
+
+
+async def setup_db(db_name: str) -> tuple[str, str]:
+    import psycopg2
+
+    from shared.db.migrate import migrate
+    from shared.db.pool import Database, create_pool
+    from shared.services.users import UserService
+
+    conn = psycopg2.connect(ADMIN_PG)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{db_name}"')
+        cur.execute(f'CREATE DATABASE "{db_name}"')
+    conn.close()
+    url = ADMIN_PG.rsplit("/", 1)[0] + "/" + db_name
+    db = Database(await create_pool(url, maxsize=1))
+    try:
+        await migrate(db)
+        _, token = await UserService(db=db).create("bench", is_admin=True)
+    finally:
+        await db.close()
+    return url, token
+
+
+def drop_db(db_name: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(ADMIN_PG)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    conn.close()
+
+
+def report(rows: dict[str, dict[str, Any]], sizes: list[int]) -> None:
+    ref = rows.get("stock", {})
+
+    def line(label: str, key: str, fmt: str, unit: str, better_low: bool = True) -> None:
+        cells = []
+        for name, r in rows.items():
+            v = r.get(key)
+            if v is None:
+                cells.append(f"{name}: -")
+                continue
+            cell = f"{name}: {fmt.format(v)}{unit}"
+            if name != "stock" and ref.get(key, 0) > 0 and v > 0:
+                cell += f" ({v / ref[key]:.2f}x stock)"
+            cells.append(cell)
+        print(f"  {label:<34} " + " | ".join(cells))
+
+    for r in rows.values():
+        for n in sizes:
+            if f"rss{n}" in r and n:
+                r[f"kbper{n}"] = (r[f"rss{n}"] - r["rss0"]) / n
+        for n in (1000, 10000):
+            if f"fanout{n}" in r:
+                r[f"f{n}p50"] = r[f"fanout{n}"]["p50"]
+                r[f"f{n}p99"] = r[f"fanout{n}"]["p99"]
+    print("\nSSE benchmark (one server process; clients in another process)")
+    line("RSS at 0 streams", "rss0", "{:,.0f}", " KB")
+    for n in sizes:
+        line(f"RSS at {n} idle streams", f"rss{n}", "{:,.0f}", " KB")
+        line(f"  per connection ({n})", f"kbper{n}", "{:.1f}", " KB")
+    line("connect rate", "connect_rate", "{:,.0f}", "/s")
+    for n in (1000, 10000):
+        line(f"fan-out to {n}: p50 (post -> all)", f"f{n}p50", "{:.1f}", " ms")
+        line(f"fan-out to {n}: p99 (post -> all)", f"f{n}p99", "{:.1f}", " ms")
+    line("deliveries per second (1000 subs)", "deliveries_per_s", "{:,.0f}", "/s")
+    line("churn 10x1000: RSS growth (rounds 2-10)", "churn_growth_kb", "{:,.0f}", " KB")
+    line("churn: registry afterwards", "churn_registry", "{}", "")
+
+
+async def driver(args: argparse.Namespace) -> None:
+    sizes = [1000] if args.quick else [1000, 5000, 10000]
+    db_name = f"herald_bench_{os.getpid()}"
+    url, token = await setup_db(db_name)
+    env = {
+        "DATABASE_URL": url,
+        "REDIS_URL": REDIS_URL,
+        "HERALD_HOST": "127.0.0.1",
+        "HERALD_SSE_MAX_PER_IP": "100",
+        "HERALD_SSE_MAX_CONNECTIONS": "20000",
+        "HERALD_SHUTDOWN_TIMEOUT_S": "5",
+    }
+    clients = ClientProc()
+    rows: dict[str, dict[str, Any]] = {}
+    variants: list[tuple[str, Target]] = [
+        ("herald", HeraldTarget(0, env)),
+        ("stock", StockTarget(0)),
+    ]
+    if args.compare_gc:
+        variants.insert(1, ("herald-nogc", HeraldTarget(0, env, gc_tune=False)))
+    try:
+        for name, target in variants:
+            if isinstance(target, HeraldTarget):
+                target.token = token
+            print(f"== {name}: measuring ...", flush=True)
+            started = time.monotonic()
+            target.port = free_port()
+            target.start()
+            try:
+                rows[name] = await measure(target, clients, sizes)
+            finally:
+                target.stop()
+            print(f"   done in {time.monotonic() - started:.0f}s", flush=True)
+    finally:
+        clients.stop()
+        drop_db(db_name)
+    report(rows, sizes)
+    print(
+        "\n(fan-out to herald includes the REST post, its database commit and the Redis hop;"
+        " to stock, one HTTP post. Deliveries/s: events straight onto herald's bus vs"
+        " concurrent posts to stock.)"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_clients":
+        asyncio.run(client_main())
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_stock_server":
+        stock_server(int(sys.argv[2]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_herald_server":
+        herald_server(gc_tune="--no-gc" not in sys.argv)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compare-gc", action="store_true")
+    asyncio.run(driver(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

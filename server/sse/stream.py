@@ -1,0 +1,205 @@
+"""One open SSE stream: its metadata, its state and the primitives that write to it.
+
+Writes go straight to the connection's transport (``transport.write`` never blocks), so
+one fan-out loop or one heartbeat sweep serves every stream without waking a task per
+connection. The stream's handler task only sets the stream up (ready, replay), then
+sleeps on ``done`` until someone closes the stream.
+
+States: ``SETUP`` (registered, handler writing ready/replay; live events are buffered),
+``LIVE`` (events written as they come), ``CLOSING`` (close event written, waiting for
+the handler to end the response). A stream leaves the registry when its handler ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import secrets
+import struct
+import sys
+import termios
+import time
+from typing import Any
+
+from server.sse.frames import Frame
+
+SETUP, LIVE, CLOSING = 0, 1, 2
+STATE_NAMES = {SETUP: "setup", LIVE: "live", CLOSING: "closing"}
+
+# Outcomes of Stream.send.
+WRITTEN, GONE, FULL = 0, 1, 2
+
+_OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
+_INT = struct.Struct("i")
+
+
+def kernel_pending(fd: int) -> int:
+    """Bytes the kernel still holds for this socket: unsent plus sent-but-unacknowledged
+    (SIOCOUTQ). A dead peer or a client that stopped reading shows here long before the
+    transport's own buffer grows, since the kernel buffer absorbs megabytes first."""
+    if _OUTQ is None or fd < 0:
+        return 0
+    try:
+        out: bytes = fcntl.ioctl(fd, _OUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(_INT.unpack(out)[0])
+
+
+class Stream:
+    """Slots only: at 10,000 streams every byte per stream counts."""
+
+    __slots__ = (
+        "buffer",
+        "buffered_bytes",
+        "bytes_direct",
+        "channel_id",
+        "chunked",
+        "close_reason",
+        "closing_deadline",
+        "connected_at",
+        "dedupe_until",
+        "delivered",
+        "dirty",
+        "done",
+        "events_sent",
+        "fd",
+        "id",
+        "ip",
+        "last_write_at",
+        "next_heartbeat",
+        "reconnect_after_ms",
+        "replayed",
+        "sent_id",
+        "stale",
+        "state",
+        "transport",
+        "user_id",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        *,
+        channel_id: int,
+        user_id: int,
+        ip: str,
+        transport: asyncio.Transport | None,
+        now: float | None = None,
+    ) -> None:
+        self.id = secrets.token_hex(8)
+        self.channel_id = channel_id
+        self.user_id = user_id
+        self.ip = ip
+        self.transport = transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        self.fd: int = sock.fileno() if sock is not None else -1
+        now = time.monotonic() if now is None else now
+        self.connected_at = time.time()
+        # Monotonic: when a write was last known complete (or when the first write the
+        # peer has not yet taken was made). Stale = dirty and this older than stale_s.
+        self.last_write_at = now
+        self.next_heartbeat = now
+        self.state = SETUP
+        self.close_reason: str | None = None
+        self.reconnect_after_ms = 0
+        self.closing_deadline = 0.0
+        self.stale = False
+        self.chunked = True
+        self.writer: Any = None  # aiohttp's payload writer: its output_size counts its bytes
+        self.bytes_direct = 0
+        self.delivered = 0
+        self.dirty = False
+        self.events_sent = 0
+        # Live events that arrive during SETUP: (message id, frame), written by go_live.
+        self.buffer: list[tuple[int, Frame]] | None = []
+        self.buffered_bytes = 0
+        # After a replay: live events with an id <= sent_id or in ``replayed`` are
+        # skipped until dedupe_until (monotonic; 0 = off). A message is published after
+        # its commit, so its bus event can arrive after the replay already sent it.
+        self.sent_id = 0
+        self.replayed: set[int] | None = None
+        self.dedupe_until = 0.0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def send(self, frame: Frame, now: float, limit: int) -> int:
+        """Write one frame now: WRITTEN, GONE (the peer left) or FULL (more than
+        ``limit`` bytes would wait in our buffer: a slow consumer)."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return GONE
+        data = frame.chunked if self.chunked else frame.raw
+        if t.get_write_buffer_size() + len(data) > limit:
+            return FULL
+        if not self.dirty:
+            self.start_clock(now)
+        t.write(data)
+        self.bytes_direct += len(data)
+        self.events_sent += 1
+        return WRITTEN
+
+    def start_clock(self, now: float) -> None:
+        """Called before the first write since the peer was last seen caught up: all
+        bytes so far are delivered; the stale clock runs from this write."""
+        self.dirty = True
+        self.last_write_at = now
+        self.delivered = self.written_total()
+
+    def already_sent(self, message_id: int) -> bool:
+        return message_id <= self.sent_id or (
+            self.replayed is not None and message_id in self.replayed
+        )
+
+    def force_write(self, frame: Frame) -> bool:
+        """Write regardless of the buffer bound (the small ``close`` frame)."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return False
+        data = frame.chunked if self.chunked else frame.raw
+        t.write(data)
+        self.bytes_direct += len(data)
+        self.events_sent += 1
+        return True
+
+    def written_total(self) -> int:
+        """Bytes handed to the transport so far, by aiohttp's writer and by us."""
+        writer_bytes = self.writer.output_size if self.writer is not None else 0
+        return int(writer_bytes) + self.bytes_direct
+
+    def pending(self) -> int:
+        """Bytes not yet taken by the peer: our transport buffer plus the kernel's."""
+        t = self.transport
+        if t is None:
+            return 0
+        return t.get_write_buffer_size() + kernel_pending(self.fd)
+
+    def is_gone(self) -> bool:
+        t = self.transport
+        return t is None or t.is_closing()
+
+    def wake(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def abort(self) -> None:
+        """Drop the connection without a word (nothing more can be written)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.wake()
+
+    def info(self, now_mono: float, now_wall: float) -> dict[str, Any]:
+        last_write_wall = now_wall - (now_mono - self.last_write_at)
+        return {
+            "id": self.id,
+            "ip": self.ip,
+            "channel_id": self.channel_id,
+            "user_id": self.user_id,
+            "connected_at": _iso(self.connected_at),
+            "last_write_at": _iso(last_write_wall),
+            "events_sent": self.events_sent,
+            "state": "stale" if self.stale else STATE_NAMES[self.state],
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
