@@ -1,0 +1,31 @@
+-- Query-shape audit of the 0001 tables (users, channels, channel_members, messages).
+-- Every statement Herald runs on them was EXPLAINed on realistic volumes (1000 channels,
+-- 25k memberships, 50k messages; bench/queries.py, docs/performance.md) and is served
+-- by an index that already exists:
+--   messages (channel_id, id)            pages before/after, SSE replay, newest id, the
+--                                        listing's last message (backward scan, LIMIT 1)
+--                                        and unread count (index-only scan)
+--   channel_members (channel_id, user_id) pkey: membership checks, member counts
+--                                        (index-only), the cached detail's member ids
+--   channel_members (user_id, channel_id) the caller's memberships in the listing (merge
+--                                        or bitmap join, in channel order)
+--   users (token_hash)                   authentication (unique)
+--   channels (id)                        listing order and cursor, every lookup by id
+-- tests/shared/test_indexes.py asserts each of these from EXPLAIN (FORMAT JSON).
+--
+-- No index was unused (pg_stat_user_indexes after the benchmark and the test suite:
+-- every non-constraint index has scans), so none is dropped here. Considered and
+-- rejected, with the reason:
+--   messages (author_id), channels (created_by): foreign keys without a reader; only a
+--     user deletion (no code path does one) would use them, every insert would pay.
+--   channel_members (user_id, channel_id) INCLUDE (last_read_message_id): would make the
+--     listing's membership join index-only, but the read marker changes on every post
+--     and page read, and an indexed column turns those into non-HOT updates that write
+--     both indexes.
+--
+-- What is changed: read markers are the most frequent write in Herald (each post and
+-- each page read moves one). Leaving 10 % free space on channel_members pages lets
+-- those updates be HOT (new row version on the same page, no index entries written)
+-- instead of each first update of a row moving it to another page. Only pages written
+-- from now on use it; a `VACUUM FULL channel_members` in a quiet hour applies it to all.
+ALTER TABLE channel_members SET (fillfactor = 90);
