@@ -32,7 +32,9 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@# As modules (python -m bench.NAME): run as a script, bench/queue.py would shadow the
+	@# standard library's `queue` for everything imported after it.
+	@for b in sse queue attachments queries; do echo "== bench/$$b.py"; $(BIN)/python -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage

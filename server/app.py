@@ -2,34 +2,55 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from server.keys import (
     ARQ,
+    ATTACHMENTS,
+    AUDIT,
     BUS,
+    CACHE,
     CHANNELS,
     DB,
+    DELAYED,
     DRAINING,
     HUB,
+    JOBS,
     MESSAGES,
     METRICS,
+    QUEUE_STATS,
     REDIS,
     SETTINGS,
     STREAMS,
     USERS,
 )
-from server.middlewares import add_cors_headers, auth_middleware, cors_middleware, error_middleware
+from server.middlewares import (
+    Handler,
+    add_cors_headers,
+    auth_middleware,
+    cors_middleware,
+    error_middleware,
+)
 from server.routes import setup_routes
 from server.sse.hub import Hub
 from server.sse.manager import StreamManager
+from shared.audit import AuditTrail
 from shared.bus import EventBus, arq_pool, redis_client
+from shared.cache import MetadataCache
 from shared.constants import events_channel
+from shared.db.monitor import QueryMonitor, query_scope
 from shared.db.pool import Database, create_pool
 from shared.metrics import Metrics
+from shared.services.attachments import AttachmentService
 from shared.services.channels import ChannelService
+from shared.services.delayed import DelayedMessageService
+from shared.services.jobs import JobService
 from shared.services.messages import MessageService
+from shared.services.queue_stats import QueueStats
 from shared.services.users import UserService
 from shared.settings import Settings
 
@@ -38,7 +59,9 @@ MAX_JSON_BYTES = 1024 * 1024
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    db = Database(await create_pool(app[SETTINGS].database_url))
+    settings = app[SETTINGS]
+    monitor = QueryMonitor(slow_ms=settings.slow_query_ms, metrics=app[METRICS])
+    db = Database(await create_pool(settings.database_url), monitor=monitor)
     app[DB] = db
     yield
     await db.close()
@@ -62,10 +85,33 @@ async def arq_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     db, bus = app[DB], app[BUS]
-    app[USERS] = UserService(db=db)
-    app[CHANNELS] = ChannelService(db=db, bus=bus)
+    cache = MetadataCache(redis=app[REDIS], settings=app[SETTINGS], metrics=app[METRICS])
+    app[CACHE] = cache
+    app[USERS] = UserService(db=db, cache=cache)
+    app[CHANNELS] = ChannelService(db=db, bus=bus, cache=cache)
     app[MESSAGES] = MessageService(db=db, bus=bus)
+    stats = QueueStats(db=db, redis=app[REDIS], settings=app[SETTINGS], metrics=app[METRICS])
+    app[QUEUE_STATS] = stats
+    app[DELAYED] = DelayedMessageService(
+        db=db, arq=app[ARQ], settings=app[SETTINGS], metrics=app[METRICS], stats=stats
+    )
+    app[JOBS] = JobService(arq=app[ARQ])
+    app[ATTACHMENTS] = AttachmentService(
+        db=db, settings=app[SETTINGS], metrics=app[METRICS], arq=app[ARQ]
+    )
+    app[AUDIT] = AuditTrail(db=db)
     yield
+
+
+async def delayed_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Delayed messages' background work: keeps the shared queue figures in /metrics
+    fresh (the worker writes them); at shutdown, lets an admission batch finish."""
+    task = asyncio.create_task(app[QUEUE_STATS].refresh_forever(), name="queue-figures")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await app[DELAYED].close()
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -74,26 +120,50 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     hub.add_listener(app[STREAMS].on_event)
     app[HUB] = hub
     hub.start()
+    app[STREAMS].start()  # the one process-wide SSE timer (heartbeats, stale checks)
     yield
+    await app[STREAMS].stop()
     await hub.stop()
 
 
-async def on_shutdown(app: web.Application) -> None:
+def begin_draining(app: web.Application) -> None:
+    """From now on: /health answers 503 "draining", new streams 503."""
     app[DRAINING][0] = True
-    app[STREAMS].close_all("shutdown")
+    app[STREAMS].draining = True
+
+
+async def on_shutdown(app: web.Application) -> None:
+    # Runs after the listening sockets closed (aiohttp's order): every stream gets
+    # `close` (shutdown) and up to HERALD_SHUTDOWN_TIMEOUT_S to end, then is dropped.
+    begin_draining(app)
+    await app[STREAMS].drain(app[SETTINGS].shutdown_timeout_s)
+
+
+@web.middleware
+async def query_count_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts each request's database statements (per route, in the query monitor)."""
+    with query_scope() as scope:
+        try:
+            return await handler(request)
+        finally:
+            monitor = request.app[DB].monitor if DB in request.app else None
+            if monitor is not None:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "(unmatched)"
+                monitor.request_done(route, scope)
 
 
 def init_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """Build the app; nothing connects until it starts."""
     app = web.Application(
-        middlewares=[cors_middleware, error_middleware, auth_middleware],
+        middlewares=[query_count_middleware, cors_middleware, error_middleware, auth_middleware],
         client_max_size=MAX_JSON_BYTES,
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app[DRAINING] = [False]
     app[STREAMS] = StreamManager(settings, app[METRICS])
-    app.cleanup_ctx.extend([database_ctx, redis_ctx, arq_ctx, services_ctx, hub_ctx])
+    app.cleanup_ctx.extend([database_ctx, redis_ctx, arq_ctx, services_ctx, delayed_ctx, hub_ctx])
     app.on_response_prepare.append(add_cors_headers)
     app.on_shutdown.append(on_shutdown)
     setup_routes(app)

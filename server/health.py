@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from server.keys import DB, DRAINING, REDIS, SETTINGS, STREAMS
+from server.keys import ATTACHMENTS, CACHE, DB, DRAINING, QUEUE_STATS, REDIS, SETTINGS, STREAMS
 from shared.constants import WORKER_HEALTH_KEY
 
 logger = logging.getLogger(__name__)
@@ -44,55 +44,67 @@ async def check_worker(app: web.Application) -> dict[str, Any]:
 
 
 def sse_section(app: web.Application) -> dict[str, Any]:
-    settings = app[SETTINGS]
-    manager = app[STREAMS]
-    return {
-        "active": len(manager.streams),
-        "peak": manager.peak,
-        "opened_total": manager.opened_total,
-        "rejected_per_ip_total": 0,
-        "rejected_global_total": 0,
-        "stale_detected_total": 0,
-        "stale_active": 0,
-        "slow_consumer_total": 0,
-        "new_per_s": 0.0,
-        "limits": {"per_ip": settings.sse_max_per_ip, "global": settings.sse_max_connections},
-    }
+    """This process's streams (server/sse/manager.py); counts only, never addresses."""
+    return app[STREAMS].stats()
 
 
 async def queue_section(app: web.Application) -> dict[str, Any]:
+    """The delayed-message queue, from the stores every process shares (queue_stats.py)."""
+    try:
+        return await asyncio.wait_for(app[QUEUE_STATS].section(), CHECK_TIMEOUT_S)
+    except Exception as exc:
+        logger.warning("queue figures unavailable: %s", exc.__class__.__name__)
     settings = app[SETTINGS]
     return {
-        "size": 0,
+        "size": None,
         "max_size": settings.queue_max,
-        "max_seen": 0,
-        "avg_size": 0.0,
-        "growth_per_min": 0.0,
+        "max_seen": None,
+        "avg_size": None,
+        "growth_per_min": None,
         "alert": False,
         "alert_threshold": settings.queue_alert,
+        "available": False,
         "cleanup": {
-            "runs": 0,
-            "failures": 0,
+            "runs": None,
+            "failures": None,
             "success_rate": None,
             "last_run_at": None,
-            "last_deleted": 0,
-            "deleted_total": 0,
+            "last_deleted": None,
+            "deleted_total": None,
         },
     }
 
 
 def db_section(app: web.Application) -> dict[str, Any]:
-    return {
-        "queries_total": 0,
-        "slow_queries_total": 0,
-        "slow_threshold_ms": app[SETTINGS].slow_query_ms,
-        "p95_ms": None,
-        "degraded": False,
-    }
+    """This process's query monitor (shared/db/monitor.py) plus its cache counts."""
+    monitor = app[DB].monitor
+    if monitor is None:
+        section: dict[str, Any] = {
+            "queries_total": 0,
+            "slow_queries_total": 0,
+            "slow_threshold_ms": app[SETTINGS].slow_query_ms,
+            "p95_ms": None,
+            "degraded": False,
+        }
+    else:
+        section = monitor.snapshot()
+    if CACHE in app:
+        section["cache"] = app[CACHE].stats()
+    return section
 
 
 async def attachments_section(app: web.Application) -> dict[str, Any]:
-    return {"delete_failures_total": 0, "pending_file_deletions": 0, "last_orphan_scan": None}
+    """Deletion failures, pending removals and the last orphan scan's summary (counts and
+    times only: no paths, no addresses)."""
+    try:
+        return await asyncio.wait_for(app[ATTACHMENTS].health_summary(), CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return {
+            "delete_failures_total": None,
+            "pending_file_deletions": None,
+            "last_orphan_scan": None,
+            "error": exc.__class__.__name__,
+        }
 
 
 async def health(request: web.Request) -> web.Response:

@@ -8,11 +8,17 @@ from arq.connections import ArqRedis
 
 from server.sse.hub import Hub
 from server.sse.manager import StreamManager
+from shared.audit import AuditTrail
 from shared.bus import EventBus
+from shared.cache import MetadataCache
 from shared.db.pool import Database
 from shared.metrics import Metrics
+from shared.services.attachments import AttachmentService
 from shared.services.channels import ChannelService
+from shared.services.delayed import DelayedMessageService
+from shared.services.jobs import JobService
 from shared.services.messages import MessageService
+from shared.services.queue_stats import QueueStats
 from shared.services.users import UserService
 from shared.settings import Settings
 
@@ -22,9 +28,15 @@ DB = web.AppKey("db", Database)
 REDIS = web.AppKey("redis", aioredis.Redis)
 ARQ = web.AppKey("arq", ArqRedis)
 BUS = web.AppKey("bus", EventBus)
+CACHE = web.AppKey("cache", MetadataCache)
 USERS = web.AppKey("users", UserService)
 CHANNELS = web.AppKey("channels", ChannelService)
 MESSAGES = web.AppKey("messages", MessageService)
+DELAYED = web.AppKey("delayed", DelayedMessageService)
+QUEUE_STATS = web.AppKey("queue_stats", QueueStats)
+JOBS = web.AppKey("jobs", JobService)
+ATTACHMENTS = web.AppKey("attachments", AttachmentService)
+AUDIT = web.AppKey("audit", AuditTrail)
 HUB = web.AppKey("hub", Hub)
 STREAMS = web.AppKey("streams", StreamManager)
 DRAINING = web.AppKey("draining", list)  # [bool]: set once shutdown begins

@@ -79,12 +79,14 @@ def bearer_token(request: web.Request, *, allow_query: bool) -> str | None:
     return None
 
 
+EVENTS_ROUTE = f"{API_PREFIX}/channels/{{channel_id}}/events"
+
+
 def is_events_route(request: web.Request) -> bool:
-    return (
-        request.method == "GET"
-        and request.path.startswith(f"{API_PREFIX}/channels/")
-        and request.path.endswith("/events")
-    )
+    # The matched route, not the path's shape: GET /channels/events is the detail route
+    # (id "events") and must not take a token from the URL.
+    resource = request.match_info.route.resource
+    return request.method == "GET" and resource is not None and resource.canonical == EVENTS_ROUTE
 
 
 @web.middleware
@@ -148,7 +150,13 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     if not request.path.startswith(API_PREFIX):
         return
-    response.headers.setdefault("Vary", "Origin")
+    # Add to a Vary the handler set (e.g. Accept-Encoding) rather than skip it: a cache
+    # must key on Origin whatever else varies.
+    vary = response.headers.get("Vary")
+    if vary is None:
+        response.headers["Vary"] = "Origin"
+    elif "origin" not in {v.strip().lower() for v in vary.split(",")} and vary.strip() != "*":
+        response.headers["Vary"] = f"{vary}, Origin"
     origin = allowed_origin(request)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -163,5 +171,7 @@ async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    # ValueError covers both decode errors and int() refusing a number of more than
+    # 4300 digits, which json raises as a plain ValueError.
+    except (ValueError, RecursionError):
         raise HeraldError("request body is not valid JSON", code="invalid_json") from None

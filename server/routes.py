@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server import health
-from server.handlers import channels, events, misc
+from server.handlers import admin, attachments, channels, cron, delayed, events, misc
 
 API = "/api/v1"
 
@@ -26,3 +26,19 @@ def setup_routes(app: web.Application) -> None:
     r.add_get(f"{API}/channels/{{channel_id}}/messages", channels.list_messages)
     r.add_get(f"{API}/channels/{{channel_id}}/events", events.channel_events, allow_head=False)
     r.add_get(f"{API}/admin/connections", misc.admin_connections)
+    r.add_post(f"{API}/channels/{{channel_id}}/delayed-messages", delayed.schedule_delayed)
+    r.add_get(f"{API}/delayed-messages", delayed.list_delayed)
+    r.add_delete(f"{API}/delayed-messages/{{delayed_id}}", delayed.cancel_delayed)
+    # No HEAD: a HEAD request must not start a cleanup run.
+    cron_cleanup = f"{API}/cron/cleanup-delayed-messages"
+    r.add_get(cron_cleanup, cron.cleanup_delayed_messages, allow_head=False)
+    r.add_post(cron_cleanup, cron.cleanup_delayed_messages)
+    r.add_post(f"{API}/channels/{{channel_id}}/attachments", attachments.upload_attachment)
+    r.add_get(f"{API}/attachments/{{attachment_id}}", attachments.get_attachment)
+    r.add_get(
+        f"{API}/attachments/{{attachment_id}}/content",
+        attachments.download_attachment,
+        allow_head=False,
+    )
+    r.add_delete(f"{API}/attachments/{{attachment_id}}", attachments.delete_attachment)
+    r.add_get(f"{API}/admin/audit", admin.audit_log)

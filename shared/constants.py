@@ -8,6 +8,7 @@ JOB_DELIVER_DELAYED = "deliver_delayed_message"
 JOB_ORPHAN_SCAN = "orphan_scan"
 JOB_RETRY_ATTACHMENT_DELETIONS = "retry_attachment_deletions"
 JOB_DELETE_ATTACHMENT_FILE = "delete_attachment_file"
+JOB_SAMPLE_QUEUE = "sample_delayed_queue"
 
 # Operator-facing job names (`herald jobs enqueue NAME`) → arq function names.
 OPERATOR_JOBS: dict[str, str] = {
@@ -25,7 +26,47 @@ QUEUE_NAME = "arq:queue"
 WORKER_HEALTH_KEY = QUEUE_NAME + ":health-check"
 HEALTH_CHECK_INTERVAL_S = 10
 
+# Delayed-message queue figures, written by the worker (and max_seen by servers too), read
+# by every server. Samples: a sorted set scored by unix time, members "<time>:<size>".
+QUEUE_SAMPLES_KEY = KEY_PREFIX + "queue:samples"
+# One member whose score only ever rises (ZADD GT): the largest queue size seen.
+QUEUE_MAX_SEEN_KEY = KEY_PREFIX + "queue:max_seen"
+# "1" while the queue is at/over HERALD_QUEUE_ALERT: the alert is logged once per crossing.
+QUEUE_ALERT_KEY = KEY_PREFIX + "queue:alert"
+
+
+def delivery_job_id(tick_ms: int) -> str:
+    """One delivery job per 100 ms tick, however many messages fall due in it."""
+    return f"herald:deliver:{tick_ms}"
+
+
+def active_job_key(operator_job: str) -> str:
+    """The id of the operator job run that is queued or running (so callers join it)."""
+    return f"{KEY_PREFIX}jobs:active:{operator_job}"
+
 
 def events_channel(redis_db: int) -> str:
     """The pub/sub channel every server process subscribes to (one subscription each)."""
     return f"herald:{redis_db}:events"
+
+
+# Metadata cache (shared/cache.py). One hash per channel (field "d": its JSON, fields
+# "m:<user id>": members of a private channel), a generation counter bumped on every
+# change, a short loader lock; and the token-hash → user entries of the auth cache.
+CACHE_PREFIX = KEY_PREFIX + "cache:"
+
+
+def channel_cache_key(channel_id: int) -> str:
+    return f"{CACHE_PREFIX}channel:{channel_id}"
+
+
+def channel_gen_key(channel_id: int) -> str:
+    return f"{CACHE_PREFIX}channel:{channel_id}:gen"
+
+
+def channel_lock_key(channel_id: int) -> str:
+    return f"{CACHE_PREFIX}channel:{channel_id}:lock"
+
+
+def user_token_cache_key(token_hash_hex: str) -> str:
+    return f"{CACHE_PREFIX}token:{token_hash_hex}"

@@ -3,6 +3,48 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class SharedFigures(Collector):
+    """Figures another process owns (read from PostgreSQL/Redis by a refresher), exported
+    as last read, so every server process reports the same numbers. Names ending in
+    ``_total`` are exported as counters, the rest as gauges."""
+
+    def __init__(self, help_texts: dict[str, str]) -> None:
+        self.help_texts = help_texts
+        self.values: dict[str, float] = {}
+
+    def set(self, name: str, value: float) -> None:
+        self.values[name] = float(value)
+
+    def collect(self) -> list[Metric]:
+        out: list[Metric] = []
+        for name, help_text in self.help_texts.items():
+            if name not in self.values:
+                continue
+            value = self.values[name]
+            if name.endswith("_total"):
+                out.append(CounterMetricFamily(name[: -len("_total")], help_text, value))
+            else:
+                out.append(GaugeMetricFamily(name, help_text, value))
+        return out
+
+
+QUEUE_FIGURES = {
+    "herald_delayed_queue_size": "Pending delayed messages, all users",
+    "herald_delayed_queue_max_size": "HERALD_QUEUE_MAX",
+    "herald_delayed_queue_max_seen": "Largest number of pending delayed messages seen",
+    "herald_delayed_queue_avg_size": "Average pending delayed messages over the sample window",
+    "herald_delayed_queue_growth_per_minute": "Change of the queue size per minute (window)",
+    "herald_delayed_queue_alert": "1 while the queue size is at or over HERALD_QUEUE_ALERT",
+    "herald_delayed_cleanup_runs_total": "Delayed-message cleanup runs finished",
+    "herald_delayed_cleanup_failures_total": "Delayed-message cleanup runs that failed",
+    "herald_delayed_cleanup_deleted_total": "Delayed messages deleted by cleanup",
+    "herald_delayed_cleanup_last_deleted": "Rows deleted by the last cleanup run",
+    "herald_delayed_cleanup_last_run_timestamp_seconds": "When the last cleanup run finished",
+}
 
 
 class Metrics:
@@ -27,7 +69,10 @@ class Metrics:
             "herald_sse_rejected", "SSE streams refused by a limit", ["kind"], registry=r
         )
         self.sse_closed = Counter(
-            "herald_sse_closed", "SSE streams closed by the server", ["reason"], registry=r
+            "herald_sse_closed",
+            "SSE streams ended, by reason (gone: the client left)",
+            ["reason"],
+            registry=r,
         )
         self.sse_stale_active = Gauge(
             "herald_sse_stale_active", "Stale streams found and not yet gone", registry=r
@@ -38,12 +83,109 @@ class Metrics:
         self.sse_events_sent = Counter(
             "herald_sse_events_sent", "Events written to SSE streams", ["event"], registry=r
         )
+        self.sse_replayed = Counter(
+            "herald_sse_replayed_messages", "Messages replayed after Last-Event-ID", registry=r
+        )
+        self.sse_resets = Counter(
+            "herald_sse_resets", "Reconnects that missed too much and got a reset", registry=r
+        )
         self.fanout_seconds = Histogram(
             "herald_sse_fanout_seconds",
             "Time to hand one bus event to every local stream",
             buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        # Query monitoring (shared/db/monitor.py). `statement` is a short id (verb + hash
+        # of the normalised SQL); herald_db_statement_info maps it to the SQL text.
+        self.db_query_seconds = Histogram(
+            "herald_db_query_seconds",
+            "Duration of each database statement",
+            ["statement"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.db_slow_queries = Counter(
+            "herald_db_slow_queries",
+            "Statements slower than HERALD_SLOW_QUERY_MS",
+            ["statement"],
+            registry=r,
+        )
+        self.db_query_errors = Counter(
+            "herald_db_query_errors", "Statements that raised", ["statement"], registry=r
+        )
+        self.db_statement_info = Gauge(
+            "herald_db_statement_info",
+            "Normalised SQL of each statement id (value 1)",
+            ["statement", "sql"],
+            registry=r,
+        )
+        self.db_statements_per_request = Histogram(
+            "herald_db_statements_per_request",
+            "Database statements one HTTP request ran, by route",
+            ["route"],
+            buckets=(0, 1, 2, 3, 5, 8, 13, 21, 50, 100, 1000),
+            registry=r,
+        )
+        self.db_degraded = Gauge(
+            "herald_db_degraded",
+            "1 while the recent share of slow statements is too high",
+            registry=r,
+        )
+        # Redis metadata cache (shared/cache.py); `kind` is channel or user.
+        self.cache_hits = Counter("herald_cache_hits", "Cache hits", ["kind"], registry=r)
+        self.cache_misses = Counter("herald_cache_misses", "Cache misses", ["kind"], registry=r)
+        self.cache_invalidations = Counter(
+            "herald_cache_invalidations", "Cache entries invalidated", ["kind"], registry=r
+        )
+        self.cache_errors = Counter(
+            "herald_cache_errors", "Redis errors the cache fell back from", ["op"], registry=r
+        )
+        self.cache_lock_waits = Counter(
+            "herald_cache_lock_waits", "Misses that waited for another loader", registry=r
+        )
+        # Attachments (shared/services/attachments.py, file_deletions.py, orphans.py).
+        self.attachment_uploads = Counter(
+            "herald_attachment_uploads", "Attachments stored", registry=r
+        )
+        self.attachment_upload_bytes = Counter(
+            "herald_attachment_upload_bytes", "Bytes of attachments stored", registry=r
+        )
+        self.attachment_deletes = Counter(
+            "herald_attachment_deletes", "Attachment delete requests", ["result"], registry=r
+        )
+        self.attachment_delete_failures = Counter(
+            "herald_attachment_delete_failures",
+            "Attachment files left after the last retry (marked delete_failed)",
+            registry=r,
+        )
+        self.attachment_path_rejected = Counter(
+            "herald_attachment_path_rejected",
+            "Stored paths refused (outside the upload root, symlink, not a file)",
+            registry=r,
+        )
+        self.orphan_files = Counter(
+            "herald_orphan_files", "Orphan files found by the scan", ["result"], registry=r
+        )
+
+        # Delayed messages: this process's own counts, plus the queue figures every
+        # process shares (refreshed from PostgreSQL/Redis by shared/services/queue_stats.py).
+        self.delayed_scheduled = Counter(
+            "herald_delayed_scheduled", "Delayed messages accepted by this process", registry=r
+        )
+        self.delayed_rejected = Counter(
+            "herald_delayed_rejected",
+            "Delayed messages refused by a queue cap",
+            ["reason"],
+            registry=r,
+        )
+        self.delayed_delivered = Counter(
+            "herald_delayed_delivered",
+            "Delayed messages this worker finished, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.queue_figures = SharedFigures(QUEUE_FIGURES)
+        r.register(self.queue_figures)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -77,7 +77,12 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
         raise SettingsError(f"{name}: not a valid URL") from None
     if parts.scheme not in schemes:
         raise SettingsError(f"{name}: scheme must be one of {', '.join(schemes)}")
-    if not parts.hostname and "host=" not in parts.query and parts.scheme != "unix":
+    # libpq reads postgresql:///db as "the local Unix socket", so a database name (or a
+    # host= parameter) is enough there; Redis URLs need a host.
+    has_target = bool(parts.hostname) or "host=" in parts.query
+    if parts.scheme.startswith("postgres"):
+        has_target = has_target or parts.path.strip("/") != ""
+    if not has_target and parts.scheme != "unix":
         raise SettingsError(f"{name}: URL has no host")
     return raw
 
@@ -111,9 +116,24 @@ def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
         item = item.strip().rstrip("/")
         if not item:
             continue
-        parts = urlsplit(item)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
-            raise SettingsError(f"{name}: {item!r} is not an origin like https://app.example.com")
+        bad = SettingsError(f"{name}: {item!r} is not an origin like https://app.example.com")
+        try:
+            parts = urlsplit(item)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise bad from None
+        # An origin is scheme://host[:port] and nothing else: browsers never send a path,
+        # query, fragment or user, so such an entry could never match.
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path
+            or parts.query
+            or parts.fragment
+            or "@" in parts.netloc
+            or item.endswith(("?", "#"))
+        ):
+            raise bad
         origins.add(item.lower())
     return frozenset(origins)
 

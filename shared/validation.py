@@ -10,6 +10,7 @@ from shared.errors import ValidationError
 
 CHANNEL_NAME_RE = re.compile(r"[a-z0-9_-]{1,80}")
 MAX_BIGINT = 2**63 - 1
+INT_PARAM_RE = re.compile(r"-?[0-9]{1,18}")
 
 
 def check_storable(value: str, field: str) -> str:
@@ -90,7 +91,9 @@ def parse_int_param(raw: str | None, name: str, *, default: int, minimum: int, m
     if raw is None or raw == "":
         return default
     text = raw.strip()
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 19:
+    # An optional minus and ASCII digits only ("--5" passed a lstrip("-") check, then
+    # made int() raise: a 500).
+    if not INT_PARAM_RE.fullmatch(text):
         raise ValidationError(f"{name}: must be an integer")
     value = int(text)
     if not minimum <= value <= maximum:

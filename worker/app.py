@@ -14,6 +14,8 @@ from shared.bus import arq_settings, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
 from shared.settings import Settings
 from worker.context import CTX_KEY, close_context, open_context
+from worker.jobs.attachments import attachment_cron_jobs, attachment_functions
+from worker.jobs.delayed import delayed_cron_jobs, delayed_functions
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +26,11 @@ async def ping(ctx: dict[str, Any]) -> str:
 
 
 def functions() -> list[Function | Any]:
-    return [ping]
+    return [ping, *attachment_functions(), *delayed_functions()]
 
 
 def cron_jobs() -> list[CronJob]:
-    return []
+    return [*attachment_cron_jobs(), *delayed_cron_jobs()]
 
 
 def build_worker(settings: Settings, **overrides: Any) -> Worker:
@@ -54,6 +56,9 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         "max_jobs": 20,
         "job_timeout": 600,
         "keep_result": 3600,
+        # How often the queue is polled: a deferred job (a delayed message's delivery
+        # tick) starts at most this late. arq's default is 0.5 s.
+        "poll_delay": 0.2,
     }
     kwargs.update(overrides)
     return Worker(**kwargs)

@@ -8,6 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from shared.bus import EventBus, redis_client
+from shared.db.monitor import QueryMonitor
 from shared.db.pool import Database, create_pool
 from shared.metrics import Metrics
 from shared.settings import Settings
@@ -32,14 +33,17 @@ def herald(ctx: dict[str, Any]) -> WorkerContext:
 
 
 async def open_context(settings: Settings, metrics: Metrics | None = None) -> WorkerContext:
-    db = Database(await create_pool(settings.database_url, maxsize=5))
+    metrics = metrics or Metrics()
+    # The worker's statements are timed and slow ones logged, exactly as the server's.
+    monitor = QueryMonitor(slow_ms=settings.slow_query_ms, metrics=metrics)
+    db = Database(await create_pool(settings.database_url, maxsize=5), monitor=monitor)
     redis = redis_client(settings)
     return WorkerContext(
         settings=settings,
         db=db,
         redis=redis,
         bus=EventBus(redis, settings),
-        metrics=metrics or Metrics(),
+        metrics=metrics,
     )
 
 

@@ -51,7 +51,10 @@ async def migrate(db: Database, directory: Path = MIGRATIONS_DIR) -> list[str]:
                     logger.warning("migration %s changed after it was applied", m.name)
                 continue
             logger.info("applying migration %s", m.name)
-            await tx.execute(m.sql)
+            # psycopg2 %-formats any statement sent with a parameter tuple, even an empty
+            # one; a migration is plain SQL, so its own % (RAISE '... %', LIKE 'a%') are
+            # doubled to reach the server unchanged.
+            await tx.execute(m.sql.replace("%", "%%"))
             await tx.execute(
                 "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
                 (m.name, m.checksum),

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg2.errors
 
 from shared.bus import EventBus
+from shared.cache import ChannelEntry, MetadataCache
 from shared.db.pool import Database, Row, Tx
 from shared.errors import Conflict, Forbidden, NotFound, ValidationError
 from shared.models import User, channel_json, iso
@@ -44,6 +45,19 @@ WHERE c.id > %(after)s
   AND (NOT c.is_private OR me.user_id IS NOT NULL OR %(is_admin)s)
 ORDER BY c.id
 LIMIT %(limit)s
+"""
+
+
+# One statement for the detail and its cache entry: the row, its member count and, for
+# a private channel, who may see it (so a cached entry can answer visibility alone).
+DETAIL_SQL = f"""
+SELECT {CHANNEL_COLUMNS},
+       (SELECT count(*) FROM channel_members m WHERE m.channel_id = c.id) AS member_count,
+       CASE WHEN c.is_private
+            THEN ARRAY(SELECT m.user_id FROM channel_members m WHERE m.channel_id = c.id)
+       END AS member_ids
+FROM channels c
+WHERE c.id = %s
 """
 
 
@@ -102,9 +116,15 @@ def require_manager(user: User, channel: Row) -> None:
 
 
 class ChannelService:
-    def __init__(self, *, db: Database, bus: EventBus) -> None:
+    def __init__(self, *, db: Database, bus: EventBus, cache: MetadataCache | None = None) -> None:
         self.db = db
         self.bus = bus
+        self.cache = cache
+
+    async def _invalidate(self, channel_id: int) -> None:
+        # After the commit, never before: see shared/cache.py for why that order matters.
+        if self.cache is not None:
+            await self.cache.invalidate_channel(channel_id)
 
     async def create(self, user: User, name: str, topic: str, is_private: bool) -> dict[str, Any]:
         """Create a channel; its creator becomes its first member."""
@@ -122,6 +142,7 @@ class ChannelService:
                 )
         except psycopg2.errors.UniqueViolation:
             raise Conflict(f"channel name {name!r} is taken", code="name_taken") from None
+        await self._invalidate(row["id"])  # a "no such channel" entry for this id may exist
         row["member_count"] = 1
         return channel_json(row)
 
@@ -140,12 +161,23 @@ class ChannelService:
         }
 
     async def get(self, user: User, channel_id: int) -> dict[str, Any]:
-        async with self.db.connection() as tx:
-            row = await visible_channel(tx, user, channel_id)
-            row["member_count"] = await tx.fetchval(
-                "SELECT count(*) FROM channel_members WHERE channel_id = %s", (channel_id,)
-            )
-        return channel_json(row)
+        """The channel's detail, from the Redis cache when it has it; 404 when missing or
+        private to others."""
+
+        async def load() -> ChannelEntry:
+            row = await self.db.fetchrow(DETAIL_SQL, (channel_id,))
+            if row is None:
+                return ChannelEntry(None)
+            members = frozenset(row.pop("member_ids") or ())
+            return ChannelEntry(channel_json(row), members)
+
+        if self.cache is not None:
+            channel = await self.cache.channel_for(channel_id, user, load)
+        else:
+            channel = (await load()).visible_to(user)
+        if channel is None:
+            raise NotFound("channel not found", code="channel_not_found")
+        return channel
 
     async def update(
         self, user: User, channel_id: int, *, name: str | None, topic: str | None
@@ -166,6 +198,7 @@ class ChannelService:
                 )
         except psycopg2.errors.UniqueViolation:
             raise Conflict(f"channel name {name!r} is taken", code="name_taken") from None
+        await self._invalidate(channel_id)
         return channel_json(row)
 
     async def delete(self, user: User, channel_id: int) -> None:
@@ -173,6 +206,7 @@ class ChannelService:
             row = await visible_channel(tx, user, channel_id, lock=True)
             require_manager(user, row)
             await tx.execute("DELETE FROM channels WHERE id = %s", (channel_id,))
+        await self._invalidate(channel_id)
         await self.bus.channel_deleted(channel_id)
 
     async def add_member(self, user: User, channel_id: int, member_id: int) -> None:
@@ -184,13 +218,18 @@ class ChannelService:
             exists = await tx.fetchval("SELECT 1 FROM users WHERE id = %s", (member_id,))
             if exists is None:
                 raise NotFound("user not found", code="user_not_found")
-            await tx.execute(
-                "INSERT INTO channel_members (channel_id, user_id, last_read_message_id)"
-                " VALUES (%s, %s,"
-                "   COALESCE((SELECT max(id) FROM messages WHERE channel_id = %s), 0))"
-                " ON CONFLICT DO NOTHING",
-                (channel_id, member_id, channel_id),
-            )
+            try:
+                await tx.execute(
+                    "INSERT INTO channel_members (channel_id, user_id, last_read_message_id)"
+                    " VALUES (%s, %s,"
+                    "   COALESCE((SELECT max(id) FROM messages WHERE channel_id = %s), 0))"
+                    " ON CONFLICT DO NOTHING",
+                    (channel_id, member_id, channel_id),
+                )
+            except psycopg2.errors.ForeignKeyViolation:
+                # A concurrent DELETE of the channel committed after our check.
+                raise NotFound("channel not found", code="channel_not_found") from None
+        await self._invalidate(channel_id)
 
     async def remove_member(self, user: User, channel_id: int, member_id: int) -> None:
         """Creator or admin removes anyone; a member may leave. Open streams are revoked."""
@@ -204,4 +243,5 @@ class ChannelService:
             )
             if deleted == 0:
                 raise NotFound("not a member of this channel", code="member_not_found")
+        await self._invalidate(channel_id)
         await self.bus.member_removed(channel_id, member_id)

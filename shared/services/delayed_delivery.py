@@ -136,7 +136,10 @@ class DeliveryService:
                 return report, messages, 0
             report.batches = 1
             allowed: dict[tuple[int, int], str | None] = {}
-            for row in rows:
+            # insert_message takes a per-channel lock until COMMIT; taking them in channel
+            # order makes two parallel batches wait for each other instead of deadlocking.
+            # Within a channel, rows keep their due order, so ids follow deliver_at.
+            for row in sorted(rows, key=lambda r: (r["channel_id"], r["deliver_at"], r["id"])):
                 reason = self._lateness(row)
                 if reason is None:
                     key = (row["author_id"], row["channel_id"])

@@ -4,23 +4,39 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg2.errors
+
 from shared.bus import EventBus
 from shared.db.pool import Database, Row, Tx
+from shared.errors import NotFound
 from shared.models import User, message_json
 from shared.services.channels import visible_channel
 
 MESSAGE_COLUMNS = "m.id, m.channel_id, m.author_id, u.name AS author_name, m.body, m.created_at"
 MAX_BODY_CHARS = 10_000
+# Two-key advisory lock namespace for "posting into channel N" (see insert_message).
+POST_LOCK_NS = 0x4D53  # "MS"
 
 
 async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> dict[str, Any]:
     """Store a message in the caller's transaction (also used by delayed delivery)."""
-    row = await tx.fetchrow(
-        "WITH m AS (INSERT INTO messages (channel_id, author_id, body) VALUES (%s, %s, %s)"
-        "  RETURNING *)"
-        f" SELECT {MESSAGE_COLUMNS} FROM m JOIN users u ON u.id = m.author_id",
-        (channel_id, author_id, body),
+    # Posts into one channel are serialised until COMMIT, so ids commit in id order. Without
+    # it, a client replaying "everything after id N" between two concurrent commits could
+    # see N+2 committed, move past it, and never get N+1 (a gap in Last-Event-ID replay).
+    await tx.execute(
+        "SELECT pg_advisory_xact_lock(%s, %s)", (POST_LOCK_NS, channel_id % 2_147_483_647)
     )
+    try:
+        row = await tx.fetchrow(
+            "WITH m AS (INSERT INTO messages (channel_id, author_id, body) VALUES (%s, %s, %s)"
+            "  RETURNING *)"
+            f" SELECT {MESSAGE_COLUMNS} FROM m JOIN users u ON u.id = m.author_id",
+            (channel_id, author_id, body),
+        )
+    except psycopg2.errors.ForeignKeyViolation:
+        # The channel was deleted after the caller saw it (a concurrent DELETE committed
+        # in between): the same answer as if the delete had come first.
+        raise NotFound("channel not found", code="channel_not_found") from None
     assert row is not None
     # The author has read what they wrote.
     await tx.execute(

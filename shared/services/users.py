@@ -7,6 +7,7 @@ import secrets
 
 import psycopg2.errors
 
+from shared.cache import MetadataCache
 from shared.db.pool import Database
 from shared.errors import Conflict, NotFound, ValidationError
 from shared.models import User
@@ -21,8 +22,9 @@ def hash_token(token: str) -> bytes:
 
 
 class UserService:
-    def __init__(self, *, db: Database) -> None:
+    def __init__(self, *, db: Database, cache: MetadataCache | None = None) -> None:
         self.db = db
+        self.cache = cache
 
     async def create(self, name: str, *, is_admin: bool = False) -> tuple[User, str]:
         """Create a user; returns it with its token, which is never stored in clear."""
@@ -46,10 +48,21 @@ class UserService:
         """The user a token belongs to, or None."""
         if not token or len(token) > MAX_TOKEN_LEN:
             return None
+        digest = hash_token(token)
+        if self.cache is not None:
+            # Keyed by the sha256, never the token; unknown tokens are not cached.
+            cached = await self.cache.user_for(digest)
+            if cached is not None:
+                return cached
         row = await self.db.fetchrow(
-            "SELECT id, name, is_admin FROM users WHERE token_hash = %s", (hash_token(token),)
+            "SELECT id, name, is_admin FROM users WHERE token_hash = %s", (digest,)
         )
-        return None if row is None else User(row["id"], row["name"], row["is_admin"])
+        if row is None:
+            return None
+        user = User(row["id"], row["name"], row["is_admin"])
+        if self.cache is not None:
+            await self.cache.remember_user(digest, user)
+        return user
 
     async def get(self, user_id: int) -> User:
         row = await self.db.fetchrow(

@@ -1,0 +1,267 @@
+"""Settings.from_env: defaults, good values, every kind of bad value, and ``.env``."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from shared.settings import Settings, SettingsError, read_dotenv
+
+DEFAULTS = {
+    "database_url": "postgresql://localhost/herald",
+    "redis_url": "redis://localhost:6379/0",
+    "host": "127.0.0.1",
+    "port": 8080,
+    "upload_dir": Path("./var/uploads"),
+    "max_upload_bytes": 26_214_400,
+    "cron_secret": None,
+    "sse_heartbeat_s": 15.0,
+    "sse_stale_s": 30.0,
+    "sse_max_per_ip": 5,
+    "sse_max_connections": 1000,
+    "shutdown_timeout_s": 5.0,
+    "trusted_proxies": (),
+    "queue_max": 10_000,
+    "queue_alert": 8_000,
+    "queue_max_per_user": 500,
+    "cleanup_batch": 1000,
+    "queue_retention_s": 86_400,
+    "sse_buffer_bytes": 1_048_576,
+    "cache_ttl_s": 300,
+    "slow_query_ms": 100.0,
+    "orphan_grace_s": 3600,
+    "cors_origins": frozenset(),
+}
+
+# Every contract variable with a good non-default value and the field it lands in.
+GOOD = [
+    ("DATABASE_URL", "postgresql://u:p@db.example:5433/h", "database_url", None),
+    ("DATABASE_URL", "postgres://db/h", "database_url", None),
+    ("DATABASE_URL", "postgresql:///h?host=/var/run/postgresql", "database_url", None),
+    ("DATABASE_URL", "postgresql:///herald", "database_url", None),
+    ("REDIS_URL", "redis://:pw@cache:6380/3", "redis_url", None),
+    ("REDIS_URL", "rediss://cache/1", "redis_url", None),
+    ("REDIS_URL", "unix:///run/redis.sock", "redis_url", None),
+    ("HERALD_HOST", "0.0.0.0", "host", None),  # noqa: S104
+    ("HERALD_PORT", "0", "port", 0),
+    ("HERALD_PORT", "65535", "port", 65535),
+    ("HERALD_UPLOAD_DIR", "/srv/herald/files", "upload_dir", Path("/srv/herald/files")),
+    ("HERALD_MAX_UPLOAD_BYTES", "1024", "max_upload_bytes", 1024),
+    ("CRON_SECRET", "s3cret", "cron_secret", "s3cret"),
+    ("HERALD_SSE_HEARTBEAT_S", "0.5", "sse_heartbeat_s", 0.5),
+    ("HERALD_SSE_STALE_S", "2", "sse_stale_s", 2.0),
+    ("HERALD_SSE_MAX_PER_IP", "7", "sse_max_per_ip", 7),
+    ("HERALD_SSE_MAX_CONNECTIONS", "20000", "sse_max_connections", 20000),
+    ("HERALD_SHUTDOWN_TIMEOUT_S", "0", "shutdown_timeout_s", 0.0),
+    ("HERALD_QUEUE_MAX", "9000", "queue_max", 9000),
+    ("HERALD_QUEUE_MAX_PER_USER", "3", "queue_max_per_user", 3),
+    ("HERALD_CLEANUP_BATCH", "50", "cleanup_batch", 50),
+    ("HERALD_QUEUE_RETENTION_S", "0", "queue_retention_s", 0),
+    ("HERALD_SSE_BUFFER_BYTES", "65536", "sse_buffer_bytes", 65536),
+    ("HERALD_CACHE_TTL_S", "0", "cache_ttl_s", 0),
+    ("HERALD_SLOW_QUERY_MS", "2.5", "slow_query_ms", 2.5),
+    ("HERALD_ORPHAN_GRACE_S", "60", "orphan_grace_s", 60),
+]
+
+BAD = [
+    ("DATABASE_URL", "not a url"),
+    ("DATABASE_URL", "mysql://db/h"),
+    ("DATABASE_URL", "postgresql://db:port/h"),
+    ("DATABASE_URL", "postgresql://[::1/h"),
+    ("DATABASE_URL", "postgresql://"),
+    ("REDIS_URL", "http://cache:6379/0"),
+    ("REDIS_URL", "redis://cache:99999/0"),
+    ("REDIS_URL", "redis://"),
+    ("HERALD_PORT", "abc"),
+    ("HERALD_PORT", "-1"),
+    ("HERALD_PORT", "65536"),
+    ("HERALD_PORT", "80.5"),
+    ("HERALD_MAX_UPLOAD_BYTES", "0"),
+    ("HERALD_MAX_UPLOAD_BYTES", "-5"),
+    ("HERALD_MAX_UPLOAD_BYTES", "25MB"),
+    ("HERALD_SSE_HEARTBEAT_S", "fast"),
+    ("HERALD_SSE_HEARTBEAT_S", "0"),
+    ("HERALD_SSE_HEARTBEAT_S", "nan"),
+    ("HERALD_SSE_HEARTBEAT_S", "inf"),
+    ("HERALD_SSE_STALE_S", "-1"),
+    ("HERALD_SSE_MAX_PER_IP", "-3"),
+    ("HERALD_SSE_MAX_PER_IP", "0"),
+    ("HERALD_SSE_MAX_CONNECTIONS", "lots"),
+    ("HERALD_SHUTDOWN_TIMEOUT_S", "-0.1"),
+    ("HERALD_TRUSTED_PROXIES", "10.0.0.0/33"),
+    ("HERALD_TRUSTED_PROXIES", "10.0.0.1,proxy.local"),
+    ("HERALD_QUEUE_MAX", "-10"),
+    ("HERALD_QUEUE_MAX", "ten"),
+    ("HERALD_QUEUE_ALERT", "-1"),
+    ("HERALD_QUEUE_MAX_PER_USER", "0"),
+    ("HERALD_CLEANUP_BATCH", "-1"),
+    ("HERALD_QUEUE_RETENTION_S", "-1"),
+    ("HERALD_SSE_BUFFER_BYTES", "12"),
+    ("HERALD_CACHE_TTL_S", "-300"),
+    ("HERALD_CACHE_TTL_S", "5m"),
+    ("HERALD_SLOW_QUERY_MS", "-inf"),
+    ("HERALD_ORPHAN_GRACE_S", "1h"),
+    ("HERALD_CORS_ORIGINS", "app.example.com"),
+    ("HERALD_CORS_ORIGINS", "https://app.example.com/path"),
+    ("HERALD_CORS_ORIGINS", "https://app.example.com?x=1"),
+    ("HERALD_CORS_ORIGINS", "https://app.example.com#frag"),
+    ("HERALD_CORS_ORIGINS", "https://user@app.example.com"),
+    ("HERALD_CORS_ORIGINS", "https://app.example.com:abc"),
+    ("HERALD_CORS_ORIGINS", "ftp://app.example.com"),
+    ("HERALD_CORS_ORIGINS", "null"),
+    ("HERALD_CORS_ORIGINS", "*"),
+    ("HERALD_UPLOAD_DIR", "/tmp/a\x00b"),
+]
+
+
+def from_env(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env=env, dotenv=None)
+
+
+def test_every_default() -> None:
+    s = from_env({})
+    for field, value in DEFAULTS.items():
+        assert getattr(s, field) == value, field
+    assert s.redis_db == 0
+
+
+def test_blank_values_mean_default() -> None:
+    env = {"HERALD_PORT": "", "HERALD_HOST": "  ", "CRON_SECRET": " ", "DATABASE_URL": ""}
+    s = from_env(env)
+    assert (s.port, s.host, s.cron_secret) == (8080, "127.0.0.1", None)
+    assert s.database_url == DEFAULTS["database_url"]
+
+
+@pytest.mark.parametrize(("var", "raw", "field", "expected"), GOOD)
+def test_good_value(var: str, raw: str, field: str, expected: object) -> None:
+    s = from_env({var: raw})
+    assert getattr(s, field) == (raw if expected is None else expected)
+
+
+def test_numbers_tolerate_surrounding_space() -> None:
+    assert from_env({"HERALD_PORT": " 9090 "}).port == 9090
+
+
+def test_trusted_proxies_and_cors_lists() -> None:
+    s = from_env(
+        {
+            "HERALD_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.7 ,::1,",
+            "HERALD_CORS_ORIGINS": "https://App.Example.com/, http://localhost:3000",
+        }
+    )
+    assert s.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.168.1.7/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert s.cors_origins == {"https://app.example.com", "http://localhost:3000"}
+
+
+def test_queue_alert_equal_to_max_is_fine() -> None:
+    s = from_env({"HERALD_QUEUE_MAX": "100", "HERALD_QUEUE_ALERT": "100"})
+    assert (s.queue_max, s.queue_alert) == (100, 100)
+
+
+def test_redis_db_from_url() -> None:
+    assert from_env({"REDIS_URL": "redis://h:6379/9"}).redis_db == 9
+    assert from_env({"REDIS_URL": "redis://h:6379"}).redis_db == 0
+
+
+def test_settings_are_frozen() -> None:
+    s = from_env({})
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("var", "raw"), BAD)
+def test_bad_value_names_the_variable_in_one_line(var: str, raw: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        from_env({var: raw})
+    message = str(info.value)
+    assert message.startswith(f"{var}:"), message
+    assert "\n" not in message
+    assert "Traceback" not in message
+
+
+def test_queue_alert_above_max() -> None:
+    with pytest.raises(SettingsError) as info:
+        from_env({"HERALD_QUEUE_MAX": "100", "HERALD_QUEUE_ALERT": "101"})
+    assert str(info.value).startswith("HERALD_QUEUE_ALERT:")
+    with pytest.raises(SettingsError, match=r"^HERALD_QUEUE_ALERT:"):
+        from_env({"HERALD_QUEUE_MAX": "5000"})  # default alert 8000 > 5000
+
+
+def test_newline_in_bad_value_stays_one_line() -> None:
+    with pytest.raises(SettingsError) as info:
+        from_env({"HERALD_PORT": "80\nHERALD_X=1"})
+    assert "\n" not in str(info.value)
+
+
+def test_dotenv_is_read(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "# a comment\n"
+        "\n"
+        "HERALD_PORT=9001\n"
+        "export HERALD_HOST = 0.0.0.0\n"
+        "CRON_SECRET='quoted secret'\n"
+        'HERALD_CORS_ORIGINS="https://a.example"\n'
+        "HERALD_UPLOAD_DIR=/srv/up=loads\n",
+        encoding="utf-8",
+    )
+    s = Settings.from_env(env={}, dotenv=dotenv)
+    assert s.port == 9001
+    assert s.host == "0.0.0.0"  # noqa: S104
+    assert s.cron_secret == "quoted secret"
+    assert s.cors_origins == {"https://a.example"}
+    assert s.upload_dir == Path("/srv/up=loads")
+
+
+def test_real_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HERALD_PORT=9001\nHERALD_SSE_MAX_PER_IP=9\n", encoding="utf-8")
+    s = Settings.from_env(env={"HERALD_PORT": "9002"}, dotenv=dotenv)
+    assert (s.port, s.sse_max_per_ip) == (9002, 9)
+
+
+def test_os_environ_is_the_default_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HERALD_PORT=9001\n", encoding="utf-8")
+    monkeypatch.setenv("HERALD_PORT", "9003")
+    assert Settings.from_env(dotenv=dotenv).port == 9003
+    monkeypatch.delenv("HERALD_PORT")
+    assert Settings.from_env(dotenv=dotenv).port == 9001
+
+
+def test_bad_value_in_dotenv_names_the_variable(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HERALD_PORT=abc\n", encoding="utf-8")
+    with pytest.raises(SettingsError, match=r"^HERALD_PORT:"):
+        Settings.from_env(env={}, dotenv=dotenv)
+
+
+def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
+    assert read_dotenv(tmp_path / "absent.env") == {}
+    assert Settings.from_env(env={}, dotenv=tmp_path / "absent.env").port == 8080
+
+
+@pytest.mark.parametrize("line", ["JUST_A_WORD", "=value", "1BAD=x", "A B=c"])
+def test_malformed_dotenv_line(tmp_path: Path, line: str) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"OK=1\n{line}\n", encoding="utf-8")
+    with pytest.raises(SettingsError) as info:
+        read_dotenv(dotenv)
+    assert ":2:" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_undecodable_dotenv(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_bytes(b"HERALD_PORT=\xff\xfe\n")
+    with pytest.raises(SettingsError, match="cannot read"):
+        read_dotenv(dotenv)
+    (tmp_path / "dir.env").mkdir()
+    with pytest.raises(SettingsError, match="cannot read"):
+        read_dotenv(tmp_path / "dir.env")
