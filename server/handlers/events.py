@@ -13,6 +13,8 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp_sse import EventSourceResponse
 
 from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
 from server.middlewares import current_user
@@ -25,11 +27,25 @@ from shared.validation import parse_id
 
 logger = logging.getLogger(__name__)
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
+
+
+class EventStream(EventSourceResponse):
+    """aiohttp-sse's response (its SSE headers and TCP_USER_TIMEOUT for hung peers)
+    without its per-connection ping task: one process-wide sweep sends heartbeats, and
+    frames are encoded once and written to every subscriber's transport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # One stream per connection: the connection ends with the stream.
+        del self.headers["Connection"]
+        self.force_close()
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return self._payload_writer
+        self._set_tcp_user_timeout(request)
+        return await web.StreamResponse.prepare(self, request)
+
 # How often a stream closed as stale or slow checks whether its close event left.
 FLUSH_POLL_S = 0.05
 
@@ -47,11 +63,8 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
         channel_id=channel_id, user_id=user.id, ip=ip, transport=request.transport
     )
     logger.debug("SSE %s opened: channel %d user %d", stream.id, channel_id, user.id)
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = EventStream()
     try:
-        # One stream per connection: the connection ends with the stream, which also
-        # frees the socket at once when the stream was dropped.
-        response.force_close()
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
         else:
