@@ -1,7 +1,7 @@
 """Delivering due delayed messages (the worker's side), exactly once.
 
 A batch of due rows is locked with ``FOR UPDATE SKIP LOCKED``; in the same transaction
-each row is either posted (``insert_message``) and marked delivered, or marked failed
+each row is either posted (``insert_messages``) and marked delivered, or marked failed
 with its reason. A second worker skips the locked rows; a worker killed mid-batch rolls
 the whole batch back and the rows stay pending for the next job or sweep; a cancel waits
 for the lock and then finds the row no longer pending. Messages are published only
@@ -23,7 +23,7 @@ from shared.errors import NotFound
 from shared.metrics import Metrics
 from shared.models import User
 from shared.services.channels import visible_channel
-from shared.services.messages import insert_message
+from shared.services.messages import insert_messages
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -136,10 +136,8 @@ class DeliveryService:
                 return report, messages, 0
             report.batches = 1
             allowed: dict[tuple[int, int], str | None] = {}
-            # insert_message takes a per-channel lock until COMMIT; taking them in channel
-            # order makes two parallel batches wait for each other instead of deadlocking.
-            # Within a channel, rows keep their due order, so ids follow deliver_at.
-            for row in sorted(rows, key=lambda r: (r["channel_id"], r["deliver_at"], r["id"])):
+            to_post: list[Row] = []
+            for row in rows:
                 reason = self._lateness(row)
                 if reason is None:
                     key = (row["author_id"], row["channel_id"])
@@ -148,8 +146,15 @@ class DeliveryService:
                     reason = allowed[key]
                 if reason is not None:
                     failed.append((row["id"], reason))
-                    continue
-                message = await insert_message(tx, row["channel_id"], row["author_id"], row["body"])
+                else:
+                    to_post.append(row)
+            # One INSERT for the batch (per-channel locks in channel order, see
+            # insert_messages); within a channel, ids follow the due order.
+            to_post.sort(key=lambda r: (r["channel_id"], r["deliver_at"], r["id"]))
+            posted = await insert_messages(
+                tx, [(r["channel_id"], r["author_id"], r["body"]) for r in to_post]
+            )
+            for row, message in zip(to_post, posted, strict=True):
                 delivered.append((row["id"], message["id"]))
                 messages.append(message)
             if delivered:

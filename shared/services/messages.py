@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg2.errors
@@ -45,6 +46,40 @@ async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> 
         (row["id"], channel_id, author_id, row["id"]),
     )
     return message_json(row)
+
+
+async def insert_messages(tx: Tx, items: Sequence[tuple[int, int, str]]) -> list[dict[str, Any]]:
+    """Store many ``(channel_id, author_id, body)`` messages in one statement, ids in the
+    order given (delayed delivery's batches); returns them in that order."""
+    if not items:
+        return []
+    # Same per-channel ordering lock as insert_message, taken in channel order so two
+    # batches wait for each other instead of deadlocking.
+    for channel_id in sorted({c for c, _, _ in items}):
+        await tx.execute(
+            "SELECT pg_advisory_xact_lock(%s, %s)", (POST_LOCK_NS, channel_id % 2_147_483_647)
+        )
+    rows = await tx.fetch(
+        "WITH m AS (INSERT INTO messages (channel_id, author_id, body)"
+        "  SELECT c, a, b FROM unnest(%s::bigint[], %s::bigint[], %s::text[])"
+        "    WITH ORDINALITY AS t(c, a, b, n) ORDER BY n"
+        "  RETURNING *)"
+        f" SELECT {MESSAGE_COLUMNS} FROM m JOIN users u ON u.id = m.author_id ORDER BY m.id",
+        ([c for c, _, _ in items], [a for _, a, _ in items], [b for _, _, b in items]),
+    )
+    # Ids are drawn as the sorted rows are inserted; check rather than trust the mapping.
+    if [(r["channel_id"], r["author_id"], r["body"]) for r in rows] != list(items):
+        raise RuntimeError("batch insert returned rows out of order")
+    newest: dict[tuple[int, int], int] = {}
+    for r in rows:
+        newest[(r["channel_id"], r["author_id"])] = r["id"]
+    await tx.execute(
+        "UPDATE channel_members cm SET last_read_message_id = t.mid"
+        " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS t(c, a, mid)"
+        " WHERE cm.channel_id = t.c AND cm.user_id = t.a AND cm.last_read_message_id < t.mid",
+        ([c for c, _ in newest], [a for _, a in newest], list(newest.values())),
+    )
+    return [message_json(r) for r in rows]
 
 
 class MessageService:
