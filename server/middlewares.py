@@ -125,7 +125,9 @@ def allowed_origin(request: web.Request) -> str | None:
     origin = request.headers.get("Origin")
     if not origin or not request.path.startswith(API_PREFIX):
         return None
-    return origin if origin.lower() in request.app[SETTINGS].cors_origins else None
+    # Exact, as the contract says: browsers send scheme and host in lower case, and the
+    # configured origins are stored lower-cased.
+    return origin if origin in request.app[SETTINGS].cors_origins else None
 
 
 @web.middleware

@@ -19,6 +19,7 @@ import time
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.app import begin_draining, init_app
 from server.keys import SETTINGS, STREAMS
@@ -48,6 +49,25 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+class UnparsableRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback whose message quotes the
+    start of the bad line, so an over-long URL or header put its token in the log. One
+    line naming the error class instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "unparsable HTTP request: %s", (exc.__class__.__name__,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+# The connection handlers' logger (aiohttp's default is "aiohttp.server").
+http_logger = logging.getLogger("server.http")
+http_logger.addFilter(UnparsableRequestFilter())
+
+
 class DrainingRunner(web.AppRunner):
     """aiohttp's shutdown order (stop listening, close idle connections, on_shutdown,
     wait for handlers, cancel, cleanup) with one deadline for all of it: on_shutdown
@@ -71,14 +91,17 @@ class HeraldServer:
         self.runner = DrainingRunner(
             self.app,
             access_log_class=AccessLogger,
+            logger=http_logger,
             shutdown_timeout=settings.shutdown_timeout_s,
             handle_signals=False,
         )
         self.port = 0
 
     async def start(self, host: str | None = None, port: int | None = None) -> None:
-        await self.runner.setup()
         try:
+            # Inside the try: a resource that fails to open (Redis down) must not leave
+            # those opened before it (the database pool) unclosed.
+            await self.runner.setup()
             site = web.TCPSite(
                 self.runner,
                 self.settings.host if host is None else host,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 
 class SettingsError(Exception):
@@ -84,7 +85,26 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
         has_target = has_target or parts.path.strip("/") != ""
     if not has_target and parts.scheme != "unix":
         raise SettingsError(f"{name}: URL has no host")
+    if parts.scheme in ("redis", "rediss", "unix") and _redis_db(parts) is None:
+        # arq and redis-py would fail later with a bare ValueError naming nothing.
+        raise SettingsError(f"{name}: the database number must be a whole number, e.g. /0")
     return raw
+
+
+REDIS_DB_PATH = re.compile(r"(?:/[0-9]{1,9})?")
+
+
+def _redis_db(parts: SplitResult) -> int | None:
+    """The database a Redis URL selects (``?db=`` wins over the path, as in arq and
+    redis-py; a ``unix://`` path is the socket); None when it is not a whole number."""
+    from_query = parse_qs(parts.query).get("db")
+    if from_query:
+        text = from_query[0]
+        return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+    path = "" if parts.scheme == "unix" else parts.path
+    if not REDIS_DB_PATH.fullmatch(path):
+        return None
+    return int(path[1:]) if path else 0
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -218,5 +238,5 @@ class Settings:
     @property
     def redis_db(self) -> int:
         """The Redis database number in ``REDIS_URL`` (pub/sub names include it)."""
-        path = urlsplit(self.redis_url).path.strip("/")
-        return int(path) if path.isdigit() else 0
+        parts = urlsplit(self.redis_url)
+        return _redis_db(parts) or 0

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from shared.settings import Settings
@@ -84,6 +85,19 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port in 26000-26999")
+
+
+async def raw_request(port: int, request: str) -> bytes:
+    """Send ``request`` as is; the server's whole answer (it closes after a bad one)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request.encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0], answer
+    return answer
 
 
 async def wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -279,6 +293,15 @@ async def test_serve_answers_then_exits_0_on_sigterm(
             stream = f"http://127.0.0.1:{port}/api/v1/channels/1/events"
             async with session.get(stream, params={"access_token": "leak-me-not-42"}) as resp:
                 assert resp.status == 401
+        # Over-long request lines and headers: aiohttp's parser refuses them (400) and
+        # used to log a traceback quoting their start, token included.
+        await raw_request(
+            port, f"GET /api/v1/me?access_token=leak-me-not-43&pad={'x' * 9000} HTTP/1.1\r\n\r\n"
+        )
+        await raw_request(
+            port,
+            f"GET /api/v1/me HTTP/1.1\r\nAuthorization: Bearer leak-me-not-44{'y' * 9000}\r\n\r\n",
+        )
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:
@@ -291,6 +314,28 @@ async def test_serve_answers_then_exits_0_on_sigterm(
     assert "Warning" not in text  # starting (and stopping) Herald prints no warnings
     assert "/api/v1/me" in text  # the access log is on ...
     assert "leak-me-not-42" not in text  # ... and redacts tokens
+    assert "leak-me-not-43" not in text and "leak-me-not-44" not in text
+    assert "unparsable HTTP request: LineTooLong" in text
+
+
+async def test_serve_that_fails_to_start_closes_what_it_opened(settings: Settings) -> None:
+    """A resource failing at start (here: after the database pool opened) must not leave
+    the pool open: that printed a ResourceWarning under the one-line error."""
+    from server.app import init_app
+    from server.keys import DB
+    from server.runner import HeraldServer
+
+    app = init_app(settings)
+
+    async def redis_down(app: web.Application) -> AsyncIterator[None]:
+        raise ConnectionError("redis is down")
+        yield  # pragma: no cover
+
+    app.cleanup_ctx.append(redis_down)
+    server = HeraldServer(settings, app)
+    with pytest.raises(ConnectionError):
+        await server.start("127.0.0.1", 0)
+    assert app[DB].pool.closed
 
 
 # The same commands in-process (so coverage sees herald/cli.py; the subprocess tests above

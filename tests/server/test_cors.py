@@ -35,6 +35,8 @@ DISALLOWED = [
     "https://sub.app.example.com",
     "https://app.example.co",
     "https://app.example.com/",
+    "https://APP.example.com",  # not as a browser sends it: no exact match
+    "HTTPS://app.example.com",
     "*",
     "",
 ]

@@ -74,6 +74,13 @@ BAD = [
     ("REDIS_URL", "http://cache:6379/0"),
     ("REDIS_URL", "redis://cache:99999/0"),
     ("REDIS_URL", "redis://"),
+    # arq and redis-py turn these into a bare ValueError naming nothing.
+    ("REDIS_URL", "redis://cache:6379/abc"),
+    ("REDIS_URL", "redis://cache:6379/"),
+    ("REDIS_URL", "redis://cache:6379/0/1"),
+    ("REDIS_URL", "redis://cache:6379/-1"),
+    ("REDIS_URL", "redis://cache:6379?db=x"),
+    ("REDIS_URL", "unix:///run/redis.sock?db=one"),
     ("HERALD_PORT", "abc"),
     ("HERALD_PORT", "-1"),
     ("HERALD_PORT", "65536"),
@@ -167,6 +174,10 @@ def test_queue_alert_equal_to_max_is_fine() -> None:
 def test_redis_db_from_url() -> None:
     assert from_env({"REDIS_URL": "redis://h:6379/9"}).redis_db == 9
     assert from_env({"REDIS_URL": "redis://h:6379"}).redis_db == 0
+    # ?db= wins over the path, as in arq and redis-py (which do the connecting).
+    assert from_env({"REDIS_URL": "redis://h:6379/2?db=5"}).redis_db == 5
+    assert from_env({"REDIS_URL": "unix:///run/redis.sock?db=4"}).redis_db == 4
+    assert from_env({"REDIS_URL": "unix:///run/redis.sock"}).redis_db == 0
 
 
 def test_settings_are_frozen() -> None:
