@@ -165,6 +165,11 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
         response.headers["Access-Control-Expose-Headers"] = "Retry-After"
 
 
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON (RFC 8259) does not.
+    raise ValueError(f"{name} is not JSON")
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON: 413 over the size limit, 400 ``invalid_json`` if it
     does not parse."""
@@ -172,7 +177,7 @@ async def read_json(request: web.Request) -> Any:
         raise PayloadTooLarge("request body is too large")
     raw = await request.read()
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     # ValueError covers both decode errors and int() refusing a number of more than
     # 4300 digits, which json raises as a plain ValueError.
     except (ValueError, RecursionError):
