@@ -28,7 +28,6 @@ from shared.validation import parse_id
 logger = logging.getLogger(__name__)
 
 
-
 class EventStream(EventSourceResponse):
     """aiohttp-sse's response (its SSE headers and TCP_USER_TIMEOUT for hung peers)
     without its per-connection ping task: one process-wide sweep sends heartbeats, and
@@ -45,6 +44,7 @@ class EventStream(EventSourceResponse):
             return self._payload_writer
         self._set_tcp_user_timeout(request)
         return await web.StreamResponse.prepare(self, request)
+
 
 # How often a stream closed as stale or slow checks whether its close event left.
 FLUSH_POLL_S = 0.05
