@@ -38,13 +38,14 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
+from functools import partial  # noqa: E402
 from typing import Any  # noqa: E402
 
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
-import psycopg2  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
+from herald.scratchdb import admin_exec  # noqa: E402
 from shared.db.migrate import migrate  # noqa: E402
 from shared.db.pool import Database, create_pool  # noqa: E402
 from shared.metrics import Metrics  # noqa: E402
@@ -58,14 +59,7 @@ REDIS_URL = os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/13")
 DB_NAME = f"herald_bench_att_{os.getpid()}"
 
 
-def admin(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+admin = partial(admin_exec, ADMIN_DSN)
 
 
 def dsn(name: str) -> str:

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg2
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from herald.scratchdb import admin_exec as scratch_exec
 from server.app import init_app
 from server.keys import CACHE, DB, USERS
 from server.middlewares import current_user
@@ -134,13 +134,7 @@ async def naive_handler(request: web.Request) -> web.Response:
 
 
 def admin_exec(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+    scratch_exec(ADMIN_DSN, sql)
 
 
 def db_dsn() -> str:

@@ -49,12 +49,13 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
+from functools import partial  # noqa: E402
 from typing import Any  # noqa: E402
 
 import aiohttp  # noqa: E402
-import psycopg2  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
+from herald.scratchdb import admin_exec  # noqa: E402
 from shared.bus import arq_pool  # noqa: E402
 from shared.constants import JOB_DELIVER_DELAYED, QUEUE_NAME, events_channel  # noqa: E402
 from shared.db.migrate import migrate  # noqa: E402
@@ -69,14 +70,7 @@ REDIS_URL = os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/12")
 PER_USER = 400
 
 
-def admin(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+admin = partial(admin_exec, ADMIN_DSN)
 
 
 def pct(values: list[float], p: float) -> float:

@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from herald.scratchdb import admin_exec
 from server.app import init_app
 from server.keys import DB, USERS
 from shared.db.migrate import migrate
@@ -33,14 +35,7 @@ REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "15"))
 TEST_DB = f"herald_test_{os.getpid()}"
 
 
-def _admin(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+_admin = partial(admin_exec, ADMIN_DSN)
 
 
 def _dsn(dbname: str) -> str:

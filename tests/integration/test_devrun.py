@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +30,7 @@ import psycopg2
 import pytest
 
 from herald import devrun, embedded
+from herald.scratchdb import admin_exec
 from shared.settings import Settings
 
 DEVRUN = [sys.executable, "-m", "herald.devrun"]
@@ -195,14 +197,7 @@ def test_port_taken_leaves_unusable_hosts_to_the_server() -> None:
 # --- database creation on the real PostgreSQL --------------------------------------
 
 
-def admin(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_DSN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+admin = partial(admin_exec, ADMIN_DSN)
 
 
 @pytest.fixture
