@@ -19,9 +19,14 @@ from worker.jobs.delayed import delayed_cron_jobs, delayed_functions
 
 logger = logging.getLogger(__name__)
 
+JOB_COMPLETION_WAIT_S = 10
 
-async def ping(ctx: dict[str, Any]) -> str:
-    """A no-op job: proves a worker picks jobs up."""
+
+async def ping(ctx: dict[str, Any], seconds: float = 0.0) -> str:
+    """A no-op job: proves a worker picks jobs up (``seconds``: stay busy that long,
+    at most a minute, to exercise a stop while a job runs)."""
+    if seconds > 0:
+        await asyncio.sleep(min(float(seconds), 60.0))
     return "pong"
 
 
@@ -59,19 +64,27 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         # How often the queue is polled: a deferred job (a delayed message's delivery
         # tick) starts at most this late. arq's default is 0.5 s.
         "poll_delay": 0.2,
+        # On SIGTERM/SIGINT: stop picking jobs, let running ones finish for up to this
+        # long, then cancel the rest (arq re-runs a cancelled job on the next start).
+        "job_completion_wait": JOB_COMPLETION_WAIT_S,
     }
     kwargs.update(overrides)
     return Worker(**kwargs)
 
 
-async def run_worker(settings: Settings) -> None:
+async def run_worker(settings: Settings, **overrides: Any) -> None:
     """Run until SIGTERM/SIGINT, then close connections."""
-    worker = build_worker(settings)
+    worker = build_worker(settings, **overrides)
     try:
         await worker.async_run()
     except asyncio.CancelledError:
         pass  # arq's signal handler cancels the main task: that is a normal stop
     finally:
+        # Jobs cancelled by the signal end with CancelledError; Worker.close() gathers
+        # them without return_exceptions and would re-raise it before closing anything.
+        # Collect them here first, so close() deletes the health key and closes pools.
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        worker.tasks.clear()
         await worker.close()
 
 
