@@ -34,7 +34,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from server.runner import serve
 
     configure_logging()
-    serve(settings)
+    try:
+        serve(settings)
+    except OSError as exc:  # bind failed: address in use, not local, name unknown
+        reason = exc.strerror or describe(exc)
+        return fail(
+            f"cannot listen on {settings.host}:{settings.port} (HERALD_HOST/HERALD_PORT): {reason}"
+        )
     return 0
 
 

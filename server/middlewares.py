@@ -7,6 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg2
+import redis.exceptions
 from aiohttp import web
 
 from server.keys import SETTINGS, USERS
@@ -42,6 +44,21 @@ def error_response(
     )
 
 
+# Errors that mean "PostgreSQL or Redis is not answering", not "this request is bad".
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionResetError,
+    TimeoutError,
+    *DEPENDENCY_ERRORS,
+)
+DEPENDENCY_RETRY_AFTER_S = 5
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes ``{"error": {code, message}}``; never a traceback or HTML."""
@@ -57,13 +74,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = STATUS_CODES.get(exc.status, "error")
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, code, exc.reason or code, headers)
-    except (ConnectionResetError, TimeoutError) as exc:
-        if request.transport is None or request.transport.is_closing():
+    except UNAVAILABLE_ERRORS as exc:
+        if isinstance(exc, ConnectionResetError) and (
+            request.transport is None or request.transport.is_closing()
+        ):
             raise  # the client is gone; nothing to answer
-        logger.exception(
-            "unhandled %s on %s %s", exc.__class__.__name__, request.method, request.path
+        # PostgreSQL or Redis unreachable (or no pooled connection in time): the request
+        # was fine, the server cannot serve it now. The class name only: messages can
+        # carry hosts.
+        logger.warning(
+            "dependency unavailable (%s) on %s %s",
+            exc.__class__.__name__,
+            request.method,
+            request.path,
         )
-        return error_response(500, "internal_error", "internal server error")
+        return error_response(
+            503,
+            "service_unavailable",
+            "a backing service is unavailable; retry shortly",
+            {"Retry-After": str(DEPENDENCY_RETRY_AFTER_S)},
+        )
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")

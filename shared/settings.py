@@ -107,6 +107,22 @@ def _redis_db(parts: SplitResult) -> int | None:
     return int(path[1:]) if path else 0
 
 
+HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _host(env: Mapping[str, str], name: str, default: str) -> str:
+    """An IP address or a DNS host name (whether it resolves is seen at bind time)."""
+    raw = env.get(name, "").strip() or default
+    try:
+        ipaddress.ip_address(raw)
+        return raw
+    except ValueError:
+        pass
+    if len(raw) <= 253 and HOSTNAME_RE.fullmatch(raw):
+        return raw
+    raise SettingsError(f"{name}: {raw!r} is not an IP address or host name")
+
+
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, default, minimum=0)
     if value > 65535:
@@ -205,7 +221,7 @@ class Settings:
         if "\x00" in upload_raw:
             raise SettingsError("HERALD_UPLOAD_DIR: contains a NUL byte")
         cron = e.get("CRON_SECRET", "").strip() or None
-        host = e.get("HERALD_HOST", "").strip() or "127.0.0.1"
+        host = _host(e, "HERALD_HOST", "127.0.0.1")
         return cls(
             database_url=_url(
                 e, "DATABASE_URL", "postgresql://localhost/herald", ("postgresql", "postgres")

@@ -186,6 +186,7 @@ async def test_each_kind_of_bad_setting_names_its_variable(
         "HERALD_TRUSTED_PROXIES": "nope",
         "HERALD_CORS_ORIGINS": "null",
         "HERALD_SSE_HEARTBEAT_S": "nan",
+        "HERALD_HOST": "bad host!",
     }
     results = await asyncio.gather(
         *(run(herald("serve"), env, tmp_path, **{var: value}) for var, value in bad.items())
@@ -196,6 +197,19 @@ async def test_each_kind_of_bad_setting_names_its_variable(
         herald("serve"), env, tmp_path, HERALD_QUEUE_MAX="100", HERALD_QUEUE_ALERT="200"
     )
     both.assert_one_line_error(2, "HERALD_QUEUE_ALERT")
+
+
+async def test_serve_on_a_taken_port_is_one_line_naming_the_settings(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await run(herald("serve"), env, tmp_path, HERALD_PORT=str(port))
+    result.assert_one_line_error(1, "HERALD_HOST/HERALD_PORT")
+    assert "address already in use" in result.err
+    assert "Warning" not in result.err  # what it opened before the bind is closed
 
 
 async def test_bad_setting_from_dotenv(env: dict[str, str], tmp_path: Path) -> None:

@@ -66,6 +66,9 @@ GOOD = [
 ]
 
 BAD = [
+    ("HERALD_HOST", "bad host!"),
+    ("HERALD_HOST", "-leading-dash"),
+    ("HERALD_HOST", "a..b"),
     ("DATABASE_URL", "not a url"),
     ("DATABASE_URL", "mysql://db/h"),
     ("DATABASE_URL", "postgresql://db:port/h"),
