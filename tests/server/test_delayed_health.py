@@ -5,19 +5,9 @@ from __future__ import annotations
 from shared.metrics import Metrics
 from shared.services.delayed_cleanup import CleanupService
 from shared.services.queue_stats import QueueStats
+from tests.health_fields import CLEANUP_FIELDS, CONTRACT_FIELDS
 
 API = "/api/v1"
-QUEUE_KEYS = {
-    "size",
-    "max_size",
-    "max_seen",
-    "avg_size",
-    "growth_per_min",
-    "alert",
-    "alert_threshold",
-    "cleanup",
-}
-CLEANUP_KEYS = {"runs", "failures", "success_rate", "last_run_at", "last_deleted", "deleted_total"}
 
 
 async def schedule(client, user, channel, n):
@@ -43,7 +33,7 @@ async def queue_of(client):
 
 async def test_queue_section_shape_when_empty(client, settings):
     _, queue = await queue_of(client)
-    assert set(queue) >= QUEUE_KEYS and set(queue["cleanup"]) >= CLEANUP_KEYS
+    assert set(queue) >= CONTRACT_FIELDS["queue"] and set(queue["cleanup"]) >= CLEANUP_FIELDS
     assert queue["size"] == 0 and queue["max_seen"] == 0 and queue["alert"] is False
     assert queue["max_size"] == settings.queue_max
     assert queue["alert_threshold"] == settings.queue_alert

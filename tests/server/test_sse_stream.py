@@ -8,6 +8,7 @@ import time
 
 from server.app import begin_draining
 from server.keys import STREAMS
+from tests.health_fields import CONTRACT_FIELDS
 from tests.server.test_sse_support import SSEReader, wait_for
 
 
@@ -218,18 +219,7 @@ async def test_health_and_metrics_figures(client, alice):
     await SSEReader(s.content).until("ready")
     body = await (await client.get("/health")).json()
     sse = body["sse"]
-    assert {
-        "active",
-        "peak",
-        "opened_total",
-        "rejected_per_ip_total",
-        "rejected_global_total",
-        "stale_detected_total",
-        "stale_active",
-        "slow_consumer_total",
-        "new_per_s",
-        "limits",
-    } <= set(sse)
+    assert CONTRACT_FIELDS["sse"] <= set(sse)
     assert sse["limits"] == {"per_ip": 5, "global": 1000}
     assert (sse["active"], sse["peak"], sse["opened_total"]) == (1, 1, 1)
     assert sse["new_per_s"] == 0.1  # one in the 10-second window
