@@ -2,8 +2,13 @@
 
 Order matters: auth (middleware), input, visibility (404), then limits and registration
 in one step, then the response starts. Until registration nothing is held; after it,
-the ``finally`` below releases everything on every exit path (client gone, error,
-cancellation, shutdown).
+every exit path (client gone, error, cancellation, shutdown) unregisters the stream.
+
+Memory per idle stream is the figure that limits a process (docs/sse.md), so the
+handler does not stay suspended for the stream's life: it sets the stream up (ready,
+replay, live) and returns the response. aiohttp then calls the response's
+``write_eof``, which is where the stream waits for its end; the middlewares' and the
+handler's frames (and the request's query scope) are freed while it waits.
 """
 
 from __future__ import annotations
@@ -31,19 +36,54 @@ logger = logging.getLogger(__name__)
 class EventStream(EventSourceResponse):
     """aiohttp-sse's response (its SSE headers and TCP_USER_TIMEOUT for hung peers)
     without its per-connection ping task: one process-wide sweep sends heartbeats, and
-    frames are encoded once and written to every subscriber's transport."""
+    frames are encoded once and written to every subscriber's transport.
 
-    def __init__(self) -> None:
+    It holds its registered stream from the handler's return until the stream ends:
+    aiohttp's ``write_eof`` call (right after the handler returns, with no await in
+    between) waits for the end and unregisters the stream on every exit path."""
+
+    def __init__(self, stream: Stream, manager: StreamManager) -> None:
         super().__init__()
         # One stream per connection: the connection ends with the stream.
         del self.headers["Connection"]
         self.force_close()
+        self._stream: Stream | None = stream
+        self._manager = manager
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return self._payload_writer
         self._set_tcp_user_timeout(request)
-        return await web.StreamResponse.prepare(self, request)
+        writer = await web.StreamResponse.prepare(self, request)
+        # The headers are serialised by now; the multidict (about 1 KB with its keys
+        # and values) would otherwise live as long as the stream.
+        self.headers.clear()
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                await stream.done
+                await finish(stream, self, self._manager)
+            except ConnectionError:
+                pass  # the client went away mid-write: nothing left to answer
+            except Exception:
+                logger.exception("SSE %s failed", stream.id)
+                stream.abort()
+            finally:
+                self.release(stream)
+        await super().write_eof(data)
+
+    def end_setup_failed(self) -> None:
+        """The handler did not hand the stream over: forget it now."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self.release(stream)
+
+    def release(self, stream: Stream) -> None:
+        self._manager.unregister(stream)
+        logger.debug("SSE %s ended: %s", stream.id, stream.close_reason or "gone")
 
 
 # How often a stream closed as stale or slow checks whether its close event left.
@@ -63,7 +103,8 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
         channel_id=channel_id, user_id=user.id, ip=ip, transport=request.transport
     )
     logger.debug("SSE %s opened: channel %d user %d", stream.id, channel_id, user.id)
-    response = EventStream()
+    response = EventStream(stream, manager)
+    handed_over = False
     try:
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
@@ -77,8 +118,7 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
         if after_id is not None:
             await replay(stream, response, app[MESSAGES], manager, after_id)
         manager.go_live(stream)
-        await stream.done
-        await finish(stream, response, manager)
+        handed_over = True  # from here the response's write_eof waits and cleans up
     except ConnectionError:
         pass  # the client went away mid-write: nothing left to answer
     except Exception:
@@ -89,8 +129,8 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
         logger.exception("SSE %s failed", stream.id)
         stream.abort()
     finally:
-        manager.unregister(stream)
-        logger.debug("SSE %s ended: %s", stream.id, stream.close_reason or "gone")
+        if not handed_over:
+            response.end_setup_failed()
     return response
 
 
