@@ -136,7 +136,8 @@ class MetadataCache:
         self.gen_ttl_s = 2 * self.ttl_s + 60
         self._store = redis.register_script(STORE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
-        self._inflight: dict[int, asyncio.Task[ChannelEntry]] = {}
+        # channel id -> (its load in flight, the generation read before it began)
+        self._inflight: dict[int, tuple[asyncio.Task[ChannelEntry], bytes | None]] = {}
         # This process's counts, as /health shows them (Prometheus has the same).
         self.counts: dict[str, int] = dict.fromkeys(
             (
@@ -197,16 +198,26 @@ class MetadataCache:
         return (await self._single_flight(channel_id, load)).visible_to(user)
 
     async def _single_flight(self, channel_id: int, load: ChannelLoader) -> ChannelEntry:
-        task = self._inflight.get(channel_id)
-        if task is None:
+        # Join a load only if no change was invalidated since it began (same generation):
+        # a load that may have read the rows before a member's removal must not answer
+        # a request that started after the removal returned.
+        try:
+            gen = await self.redis.get(channel_gen_key(channel_id))
+        except RedisError as exc:
+            self._error("read", exc)
+            return await load()
+        flight = self._inflight.get(channel_id)
+        if flight is None or flight[1] != gen:
             task = asyncio.create_task(self._fill(channel_id, load))
-            self._inflight[channel_id] = task
+            flight = (task, gen)
+            self._inflight[channel_id] = flight
             task.add_done_callback(lambda t: self._done(channel_id, t))
         # shield: a caller that goes away must not cancel the load the others wait for.
-        return await asyncio.shield(task)
+        return await asyncio.shield(flight[0])
 
     def _done(self, channel_id: int, task: asyncio.Task[ChannelEntry]) -> None:
-        if self._inflight.get(channel_id) is task:
+        flight = self._inflight.get(channel_id)
+        if flight is not None and flight[0] is task:
             del self._inflight[channel_id]
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may have left already

@@ -97,7 +97,13 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     manager = app[STREAMS]
-    await app[CHANNELS].get(user, channel_id)  # 404 unless the caller may see it
+    while True:
+        since = time.monotonic()
+        await app[CHANNELS].get(user, channel_id)  # 404 unless the caller may see it
+        # A revoke that went by during the check found no stream of ours to close, and
+        # the check may have read the state before it: check again.
+        if not manager.revoked_since(channel_id, user.id, since):
+            break
     ip = client_ip(request, settings.trusted_proxies)
     stream = manager.open(
         channel_id=channel_id, user_id=user.id, ip=ip, transport=request.transport

@@ -41,6 +41,9 @@ RETRY_AFTER_DRAINING_S = (1, 5)
 RATE_WINDOW_S = 10
 # How long after a replay live events are checked against what the replay sent.
 DEDUPE_S = 10.0
+# How long a revoke or channel deletion is remembered for stream requests whose
+# visibility check was in flight when it went by (see ``revoked_since``).
+REVOKE_MEMORY_S = 300.0
 
 
 class RateWindow:
@@ -93,6 +96,9 @@ class StreamManager:
         self.resets_total = 0
         self.rate = RateWindow()
         self.tick_s = tick_interval(settings)
+        # (channel id, user id) or (channel id, None) for a deletion -> monotonic time.
+        self.revoked: dict[tuple[int, int | None], float] = {}
+        self._next_prune = 0.0
         self._empty = asyncio.Event()
         self._empty.set()
         self._task: asyncio.Task[None] | None = None
@@ -294,6 +300,11 @@ class StreamManager:
         """Bus listener (one subscription per process, see hub.py)."""
         kind = event.get("type")
         channel_id = event.get("channel_id")
+        if isinstance(channel_id, int) and kind in ("revoke", "channel_deleted"):
+            user_id = event.get("user_id") if kind == "revoke" else None
+            self.revoked[(channel_id, user_id if isinstance(user_id, int) else None)] = (
+                time.monotonic()
+            )
         if not isinstance(channel_id, int) or channel_id not in self.by_channel:
             return
         if kind == "message":
@@ -307,6 +318,16 @@ class StreamManager:
         elif kind == "channel_deleted":
             for s in list(self.by_channel[channel_id]):
                 self.close(s, "revoked")
+
+    def revoked_since(self, channel_id: int, user_id: int, since: float) -> bool:
+        """Whether the user's access to the channel was revoked (or the channel deleted)
+        at or after ``since`` (monotonic): a stream request whose visibility check ran
+        meanwhile may have read the old state, and no stream of it was there to close."""
+        for key in ((channel_id, user_id), (channel_id, None)):
+            at = self.revoked.get(key)
+            if at is not None and at >= since:
+                return True
+        return False
 
     # -- the sweep: heartbeats, stale and slow consumers, vanished peers ------------
 
@@ -336,6 +357,10 @@ class StreamManager:
         heartbeat_s = settings.sse_heartbeat_s
         heartbeat: Frame | None = None
         beats = 0
+        if self.revoked and now >= self._next_prune:
+            self._next_prune = now + 10.0
+            old = now - REVOKE_MEMORY_S
+            self.revoked = {k: at for k, at in self.revoked.items() if at >= old}
         for s in list(self.streams.values()):
             if s.is_gone():
                 self.gone(s)

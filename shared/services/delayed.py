@@ -69,10 +69,11 @@ def parse_rfc3339(value: str) -> datetime:
         sec = min(int(second), 59)
         parsed = datetime(
             int(year), int(month), int(day), int(hour), int(minute), sec, micro, tzinfo=tz
-        )
-    except ValueError:
+        ).astimezone(UTC)
+    except (ValueError, OverflowError):
+        # OverflowError: valid as written, but out of datetime's range once in UTC.
         raise ValidationError("deliver_at: not a valid date-time") from None
-    return parsed.astimezone(UTC)
+    return parsed
 
 
 def resolve_deliver_at(data: Mapping[str, Any], now: datetime) -> datetime:
@@ -93,10 +94,11 @@ def resolve_deliver_at(data: Mapping[str, Any], now: datetime) -> datetime:
         delay = data["delay_seconds"]
         if isinstance(delay, bool) or not isinstance(delay, int | float):
             raise ValidationError("delay_seconds: must be a number")
-        if not math.isfinite(delay) or delay <= 0:
-            raise ValidationError("delay_seconds: must be greater than 0")
+        # Range first: math.isfinite raises OverflowError on an int too large for a float.
         if delay > MAX_AHEAD_S:
             raise ValidationError(f"delay_seconds: at most {MAX_AHEAD_S} (30 days)")
+        if delay <= 0 or not math.isfinite(delay):
+            raise ValidationError("delay_seconds: must be greater than 0")
         when = now + timedelta(seconds=delay)
     if when > now + timedelta(seconds=MAX_AHEAD_S):
         raise ValidationError("deliver_at: at most 30 days ahead")

@@ -356,3 +356,27 @@ async def test_global_cap_holds_across_two_server_processes(
     bodies = {(await r.json())["body"] for r in responses if r.status == 202}
     stored = await db.fetch("SELECT body FROM delayed_messages WHERE body LIKE 'x%%'")
     assert {r["body"] for r in stored} == bodies
+
+
+@pytest.mark.parametrize("deliver_at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+async def test_review_deliver_at_out_of_range_after_offset_is_422(client, alice, deliver_at):
+    """A date that is valid as written but leaves datetime's range once moved to UTC."""
+    channel = await make_channel(client, alice)
+    resp = await client.post(
+        f"{API}/channels/{channel}/delayed-messages",
+        json={"body": "x", "deliver_at": deliver_at},
+        headers=alice.headers,
+    )
+    assert await error_of(resp) == (422, "validation_error")
+
+
+@pytest.mark.parametrize("sign", ["", "-"])
+async def test_review_huge_integer_delay_seconds_is_422(client, alice, sign):
+    """An integer too large for a float (valid JSON) is out of range, not a 500."""
+    channel = await make_channel(client, alice)
+    resp = await client.post(
+        f"{API}/channels/{channel}/delayed-messages",
+        data='{"body": "x", "delay_seconds": ' + sign + "1" + "0" * 400 + "}",
+        headers={**alice.headers, "Content-Type": "application/json"},
+    )
+    assert await error_of(resp) == (422, "validation_error")

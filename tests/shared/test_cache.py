@@ -354,6 +354,35 @@ async def test_a_load_that_raced_a_change_is_not_stored(
     assert await redis.exists(channel_cache_key(5))
 
 
+async def test_review_a_caller_after_a_change_does_not_join_an_older_load(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """A member is removed while a load that read the old membership is in flight: a
+    request that starts after the removal (and its invalidation) must not be answered
+    from that older load."""
+    cache = MetadataCache(redis=redis, settings=settings, metrics=Metrics())
+    gate, loading = asyncio.Event(), asyncio.Event()
+
+    async def old_load() -> ChannelEntry:
+        loading.set()
+        await gate.wait()
+        return entry(6, private=True, members={1, 2})
+
+    async def new_load() -> ChannelEntry:
+        return entry(6, private=True, members={1})
+
+    removed = User(2, "removed", False)
+    first = asyncio.create_task(cache.channel_for(6, User(1, "owner", False), old_load))
+    await loading.wait()
+    await cache.invalidate_channel(6)  # the removal committed, then invalidated
+    later = asyncio.create_task(cache.channel_for(6, removed, new_load))
+    await asyncio.sleep(0.02)
+    gate.set()
+    assert (await first) is not None
+    assert (await later) is None  # not the member list read before the removal
+    assert (await cache.channel_for(6, removed, new_load)) is None
+
+
 # -- Redis trouble -----------------------------------------------------------------------
 async def test_redis_down_falls_back_to_the_database(
     settings: Settings, caplog: pytest.LogCaptureFixture
