@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # More missed than this: nothing is replayed, ``reset`` tells the client to refetch.
 REPLAY_MAX = 1000
+# Messages read from PostgreSQL at a time while replaying.
+REPLAY_PAGE = 100
 HEADER = "Last-Event-ID"
 QUERY = "last_event_id"
 
@@ -61,11 +63,11 @@ async def replay(
     backpressure: a slow reader slows the replay, it does not grow our memory."""
     channel_id = stream.channel_id
     stream.sent_id = after_id
-    rows = await messages.since(channel_id, after_id, REPLAY_MAX + 1)
-    if len(rows) > REPLAY_MAX:
+    missed = await messages.count_since(channel_id, after_id, REPLAY_MAX + 1)
+    if missed > REPLAY_MAX:
         await write_reset(stream, response, manager, await messages.newest_id(channel_id))
         return
-    if not rows:
+    if not missed:
         # Nothing missed, unless the client's id is larger than any this channel has
         # (a restored database): then what it holds is not ours; it must refetch.
         newest = await messages.newest_id(channel_id)
@@ -75,15 +77,24 @@ async def replay(
     replayed: set[int] = set()
     stream.replayed = replayed
     sent = 0
-    for row in rows:
-        if stream.close_reason is not None:
+    cursor = after_id
+    # Page by page: a reconnect storm of many streams must not hold 1000 full messages
+    # each. The counted ones are the first ``missed`` ids after ``after_id`` (posts into
+    # a channel commit in id order); anything newer is also in the stream's live buffer.
+    while sent < missed and stream.close_reason is None:
+        rows = await messages.since(channel_id, cursor, REPLAY_PAGE)
+        for row in rows:
+            if stream.close_reason is not None:
+                break
+            frame = frames.message(row)
+            manager.note_write(stream)
+            await response.write(frame.raw)
+            stream.events_sent += 1
+            replayed.add(int(row["id"]))
+            cursor = int(row["id"])
+            sent += 1
+        if len(rows) < REPLAY_PAGE:
             break
-        frame = frames.message(row)
-        manager.note_write(stream)
-        await response.write(frame.raw)
-        stream.events_sent += 1
-        replayed.add(int(row["id"]))
-        sent += 1
     manager.replayed_total += sent
     manager.count_sent("message", sent)
     manager.metrics.sse_replayed.inc(sent)

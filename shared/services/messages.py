@@ -140,6 +140,16 @@ class MessageService:
         )
         return [message_json(r) for r in rows]
 
+    async def count_since(self, channel_id: int, after_id: int, cap: int) -> int:
+        """How many messages have id > ``after_id``, counting no further than ``cap``
+        (an index-only scan of at most ``cap`` entries)."""
+        value = await self.db.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM messages"
+            " WHERE channel_id = %s AND id > %s LIMIT %s) AS missed",
+            (channel_id, after_id, cap),
+        )
+        return int(value)
+
     async def newest_id(self, channel_id: int) -> int:
         value = await self.db.fetchval(
             "SELECT COALESCE(max(id), 0) FROM messages WHERE channel_id = %s", (channel_id,)

@@ -82,6 +82,7 @@ async def test_error_after_headers_drops_connection_and_leaves(settings):
             raise RuntimeError("database fell over mid-replay")
 
         messages.since = broken_since  # type: ignore[method-assign]
+        messages.count_since = broken_since  # type: ignore[method-assign]
         async with aiohttp.ClientSession() as session:
             headers = {**auth(token), "Last-Event-ID": "0"}
             async with session.get(live.events_url(channel_id), headers=headers) as resp:

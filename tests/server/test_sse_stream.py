@@ -7,7 +7,8 @@ import json
 import time
 
 from server.app import begin_draining
-from server.keys import STREAMS
+from server.keys import MESSAGES, STREAMS
+from server.sse import replay as replay_module
 from tests.health_fields import CONTRACT_FIELDS
 from tests.server.test_sse_support import SSEReader, wait_for
 
@@ -283,3 +284,35 @@ async def test_concurrent_opens_respect_the_limit_exactly(client, make_client, a
     for r in resps:
         r.close()
     await wait_for(lambda: not manager.streams, 3)
+
+
+async def test_replay_reads_in_pages_with_no_gap_or_duplicate(client, alice, db, monkeypatch):
+    """Replay holds at most REPLAY_PAGE messages at a time and still sends each once."""
+    monkeypatch.setattr(replay_module, "REPLAY_PAGE", 7)
+    channel_id = await make_channel(client, alice)
+    await db.execute(
+        "INSERT INTO messages (channel_id, author_id, body)"
+        " SELECT %s, %s, 'm' || g FROM generate_series(1, 50) g",
+        (channel_id, alice.id),
+    )
+    first = await db.fetchval("SELECT min(id) FROM messages WHERE channel_id = %s", (channel_id,))
+    messages = client.app[MESSAGES]
+    calls: list[int] = []
+    real_since = messages.since
+
+    async def counting_since(channel, after, limit):
+        rows = await real_since(channel, after, limit)
+        calls.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(messages, "since", counting_since)
+    resp = await client.get(
+        f"/api/v1/channels/{channel_id}/events",
+        headers={**alice.headers, "Last-Event-ID": str(first + 2)},
+    )
+    reader = SSEReader(resp.content)
+    await reader.until("ready")
+    got = [await reader.next() for _ in range(47)]
+    assert [e.id for e in got] == list(range(first + 3, first + 50))
+    assert max(calls) <= 7 and len(calls) == 7  # 47 rows in pages of 7
+    resp.close()
