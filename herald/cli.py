@@ -196,6 +196,17 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
 }
 
 
+def wait_seconds(raw: str) -> float:
+    """A finite number of seconds, 0-86400 (argparse turns the error into exit 2)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not 0 <= value <= 86_400:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must be 0-86400 seconds, got {raw!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herald", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--dry-run", action="store_true", help="report only, change nothing")
     enqueue.add_argument("--wait", action="store_true", help="wait for the result")
     enqueue.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)"
+        "--timeout", type=wait_seconds, default=600.0, help="seconds --wait waits (default 600)"
     )
     status = jobs.add_parser("status", help="a job's state and result")
     status.add_argument("job_id", metavar="JOB_ID")

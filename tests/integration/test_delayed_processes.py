@@ -229,6 +229,14 @@ async def test_jobs_cli_errors(settings, tmp_path, redis):
     )  # fmt: skip
     assert waited.returncode == 1 and "herald jobs status" in waited.stderr
     assert await redis.zcard("arq:queue") == 1
+    for bad in ("-1", "nan", "inf", "abc"):
+        refused = await asyncio.to_thread(
+            herald_cli, settings, tmp_path, "jobs", "enqueue", "orphan-scan", "--wait",
+            "--timeout", bad,
+        )  # fmt: skip
+        assert refused.returncode == 2 and "--timeout" in refused.stderr, bad
+        assert "Traceback" not in refused.stderr
+    assert await redis.zcard("arq:queue") == 1  # nothing more was enqueued
 
 
 async def test_cron_route_and_two_servers_against_a_live_worker(
