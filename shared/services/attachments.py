@@ -203,21 +203,32 @@ class AttachmentService:
             raise NotFound("attachment file is missing", code="file_missing") from None
         except PathRejected as exc:
             await audit.AuditTrail(db=self.db).record(
-                audit.Entry(
-                    audit.ATTACHMENT_PATH_REJECTED,
-                    "attachment",
-                    attachment_id,
-                    audit.DENIED,
-                    actor_id=user.id,
-                    details={"operation": "download", "reason": str(exc)},
-                    client_ip=client_ip,
-                )
+                self._path_rejected(user, attachment_id, "download", exc, client_ip)
             )
-            self.metrics.attachment_path_rejected.inc()
             raise Conflict(
                 "the attachment's stored path is refused", code="path_rejected"
             ) from None
         return Download(fd, size, row["filename"], row["content_type"])
+
+    def _path_rejected(
+        self,
+        user: User,
+        attachment_id: int,
+        operation: str,
+        exc: PathRejected,
+        client_ip: str | None,
+    ) -> audit.Entry:
+        """Count a refused stored path and describe it for the audit trail."""
+        self.metrics.attachment_path_rejected.inc()
+        return audit.Entry(
+            audit.ATTACHMENT_PATH_REJECTED,
+            "attachment",
+            attachment_id,
+            audit.DENIED,
+            actor_id=user.id,
+            details={"operation": operation, "reason": str(exc)},
+            client_ip=client_ip,
+        )
 
     async def _open_read(self, key: str) -> tuple[int, int]:
         """``Storage.open_read`` in a thread; if the caller is cancelled meanwhile, the
@@ -279,18 +290,8 @@ class AttachmentService:
                 except PathRejected as exc:
                     await self.files.mark_failed(tx, row, f"path rejected: {exc}")
                     await audit.append(
-                        tx,
-                        audit.Entry(
-                            audit.ATTACHMENT_PATH_REJECTED,
-                            "attachment",
-                            attachment_id,
-                            audit.DENIED,
-                            actor_id=user.id,
-                            details={"operation": "delete", "reason": str(exc)},
-                            client_ip=client_ip,
-                        ),
+                        tx, self._path_rejected(user, attachment_id, "delete", exc, client_ip)
                     )
-                    self.metrics.attachment_path_rejected.inc()
                     error = Conflict(
                         "the attachment's stored path is refused; kept for an operator",
                         code="path_rejected",
