@@ -45,14 +45,14 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
-from herald.scratchdb import admin_exec  # noqa: E402
 from shared.db.migrate import migrate  # noqa: E402
 from shared.db.pool import Database, create_pool  # noqa: E402
 from shared.metrics import Metrics  # noqa: E402
-from shared.services.orphans import OrphanScanner  # noqa: E402
+from shared.services.attachments.orphans import OrphanScanner  # noqa: E402
+from shared.services.attachments.storage import new_key  # noqa: E402
 from shared.services.users import UserService  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-from shared.storage import new_key  # noqa: E402
+from tests.scratchdb import admin_exec  # noqa: E402
 
 ADMIN_DSN = os.environ.get("HERALD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/13")

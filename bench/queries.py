@@ -36,7 +36,6 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from herald.scratchdb import admin_exec as scratch_exec
 from server.app import init_app
 from server.keys import CACHE, DB, USERS
 from server.middlewares import current_user
@@ -45,6 +44,7 @@ from shared.db.pool import Database, create_pool
 from shared.models import User, channel_json, iso
 from shared.services.channels import CHANNEL_COLUMNS, LIST_SQL
 from shared.settings import Settings
+from tests.scratchdb import admin_exec as scratch_exec
 
 ADMIN_DSN = os.environ.get("HERALD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/14")

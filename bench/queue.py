@@ -55,15 +55,15 @@ from typing import Any  # noqa: E402
 import aiohttp  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
-from herald.scratchdb import admin_exec  # noqa: E402
 from shared.bus import arq_pool  # noqa: E402
 from shared.constants import JOB_DELIVER_DELAYED, QUEUE_NAME, events_channel  # noqa: E402
 from shared.db.migrate import migrate  # noqa: E402
 from shared.db.pool import Database, create_pool  # noqa: E402
-from shared.services.delayed import delivery_tick  # noqa: E402
+from shared.services.delayed.scheduling import delivery_tick  # noqa: E402
 from shared.services.jobs import JobService  # noqa: E402
 from shared.services.users import UserService  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from tests.scratchdb import admin_exec  # noqa: E402
 
 ADMIN_DSN = os.environ.get("HERALD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/12")

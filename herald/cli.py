@@ -4,56 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from shared.settings import Settings, SettingsError
-
-EXIT_USAGE = 2
-
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
-def fail(message: str, code: int = 1) -> int:
-    print(f"herald: {message}", file=sys.stderr)
-    return code
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
+from shared.entry import fail, run_command
+from shared.settings import Settings
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from server.runner import serve
+    from server.runner import serve_command
 
-    configure_logging()
-    try:
-        serve(settings)
-    except OSError as exc:  # bind failed: address in use, not local, name unknown
-        reason = exc.strerror or describe(exc)
-        return fail(
-            f"cannot listen on {settings.host}:{settings.port} (HERALD_HOST/HERALD_PORT): {reason}"
-        )
-    return 0
+    return serve_command(settings)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.app import check, run_worker
+    from worker.app import worker_command
 
-    if args.check:
-        ok = asyncio.run(check(settings))
-        print("worker: healthy" if ok else "worker: no fresh health-check key")
-        return 0 if ok else 1
-    configure_logging()
-    asyncio.run(run_worker(settings))
-    return 0
+    return worker_command(settings, check=args.check)
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -92,8 +60,8 @@ def cmd_users_create(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 if the audit chain is intact, 1 naming the first bad row."""
-    from shared.audit import AuditTrail
     from shared.db.pool import Database, create_pool
+    from shared.services.audit import AuditTrail
 
     async def run() -> Any:
         db = Database(await create_pool(settings.database_url, maxsize=1))
@@ -251,21 +219,8 @@ def command_key(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        return fail(f"configuration error: {exc}", EXIT_USAGE)
     handler = COMMANDS[command_key(args)]
-    try:
-        return handler(settings, args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        from shared.errors import HeraldError
-
-        if isinstance(exc, HeraldError):
-            return fail(exc.message)
-        return fail(describe(exc))
+    return run_command(lambda settings: handler(settings, args))
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ class DevRun:
         try:
             code = self.start_and_wait()
         except Exception as exc:
-            from herald.cli import describe
+            from shared.entry import describe
 
             say(f"error: {describe(exc)}")
             code = EXIT_FAILED

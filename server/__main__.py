@@ -2,6 +2,6 @@
 
 import sys
 
-from herald.cli import main
+from server.runner import main
 
-sys.exit(main(["serve", *sys.argv[1:]]))
+sys.exit(main(sys.argv[1:]))

@@ -38,19 +38,19 @@ from server.middlewares import (
 from server.routes import setup_routes
 from server.sse.hub import Hub
 from server.sse.manager import StreamManager
-from shared.audit import AuditTrail
 from shared.bus import EventBus, arq_pool, redis_client
 from shared.cache import MetadataCache
 from shared.constants import events_channel
 from shared.db.monitor import QueryMonitor, query_scope
 from shared.db.pool import Database, create_pool
 from shared.metrics import Metrics
-from shared.services.attachments import AttachmentService
+from shared.services.attachments.service import AttachmentService
+from shared.services.audit import AuditTrail
 from shared.services.channels import ChannelService
-from shared.services.delayed import DelayedMessageService
+from shared.services.delayed.queue_stats import QueueStats
+from shared.services.delayed.scheduling import DelayedMessageService
 from shared.services.jobs import JobService
 from shared.services.messages import MessageService
-from shared.services.queue_stats import QueueStats
 from shared.services.users import UserService
 from shared.settings import Settings
 

@@ -8,17 +8,17 @@ from arq.connections import ArqRedis
 
 from server.sse.hub import Hub
 from server.sse.manager import StreamManager
-from shared.audit import AuditTrail
 from shared.bus import EventBus
 from shared.cache import MetadataCache
 from shared.db.pool import Database
 from shared.metrics import Metrics
-from shared.services.attachments import AttachmentService
+from shared.services.attachments.service import AttachmentService
+from shared.services.audit import AuditTrail
 from shared.services.channels import ChannelService
-from shared.services.delayed import DelayedMessageService
+from shared.services.delayed.queue_stats import QueueStats
+from shared.services.delayed.scheduling import DelayedMessageService
 from shared.services.jobs import JobService
 from shared.services.messages import MessageService
-from shared.services.queue_stats import QueueStats
 from shared.services.users import UserService
 from shared.settings import Settings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server import health
-from server.handlers import admin, attachments, channels, cron, delayed, events, misc
+from server.handlers import admin, attachments, channels, cron, delayed, events, meta
 
 API = "/api/v1"
 
@@ -13,8 +13,8 @@ API = "/api/v1"
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health.health)
-    r.add_get("/metrics", misc.metrics)
-    r.add_get(f"{API}/me", misc.me)
+    r.add_get("/metrics", meta.metrics)
+    r.add_get(f"{API}/me", meta.me)
     r.add_post(f"{API}/channels", channels.create_channel)
     r.add_get(f"{API}/channels", channels.list_channels)
     r.add_get(f"{API}/channels/{{channel_id}}", channels.get_channel)
@@ -25,7 +25,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post(f"{API}/channels/{{channel_id}}/messages", channels.post_message)
     r.add_get(f"{API}/channels/{{channel_id}}/messages", channels.list_messages)
     r.add_get(f"{API}/channels/{{channel_id}}/events", events.channel_events, allow_head=False)
-    r.add_get(f"{API}/admin/connections", misc.admin_connections)
+    r.add_get(f"{API}/admin/connections", admin.admin_connections)
     r.add_post(f"{API}/channels/{{channel_id}}/delayed-messages", delayed.schedule_delayed)
     r.add_get(f"{API}/delayed-messages", delayed.list_delayed)
     r.add_delete(f"{API}/delayed-messages/{{delayed_id}}", delayed.cancel_delayed)

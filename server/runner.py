@@ -10,12 +10,14 @@ A second signal drops the remaining streams at once.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import logging
 import re
 import signal
 import time
+from collections.abc import Sequence
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -23,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from server.app import begin_draining, init_app
 from server.keys import SETTINGS, STREAMS
+from shared.entry import configure_logging, describe, fail, run_command
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -167,3 +170,24 @@ async def run(settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return (the process exits 0)."""
     asyncio.run(run(settings))
+
+
+def serve_command(settings: Settings) -> int:
+    """``herald serve``: exit 0 after the drain; 1 with one line if it cannot listen."""
+    configure_logging()
+    try:
+        serve(settings)
+    except OSError as exc:  # bind failed: address in use, not local, name unknown
+        reason = exc.strerror or describe(exc)
+        return fail(
+            f"cannot listen on {settings.host}:{settings.port} (HERALD_HOST/HERALD_PORT): {reason}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m server``: the same as ``herald serve``."""
+    argparse.ArgumentParser(prog="python -m server", description=serve_command.__doc__).parse_args(
+        argv
+    )
+    return run_command(serve_command)

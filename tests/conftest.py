@@ -21,13 +21,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from herald.scratchdb import admin_exec
 from server.app import init_app
 from server.keys import DB, USERS
 from shared.db.migrate import migrate
 from shared.db.pool import Database, create_pool
 from shared.models import User
 from shared.settings import Settings
+from tests.scratchdb import admin_exec
 
 ADMIN_DSN = os.environ.get("HERALD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("HERALD_TEST_REDIS", "redis://127.0.0.1:6379")

@@ -2,6 +2,6 @@
 
 import sys
 
-from herald.cli import main
+from worker.app import main
 
-sys.exit(main(["worker", *sys.argv[1:]]))
+sys.exit(main(sys.argv[1:]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from arq import Worker
@@ -12,6 +14,7 @@ from arq.worker import Function
 
 from shared.bus import arq_settings, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
+from shared.entry import configure_logging, run_command
 from shared.settings import Settings
 from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import attachment_cron_jobs, attachment_functions
@@ -88,10 +91,30 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
         await worker.close()
 
 
-async def check(settings: Settings) -> bool:
+async def worker_alive(settings: Settings) -> bool:
     """True when a worker's health-check key is fresh (written within its interval)."""
     client = redis_client(settings)
     try:
         return bool(await client.exists(WORKER_HEALTH_KEY))
     finally:
         await client.aclose()
+
+
+def worker_command(settings: Settings, *, check: bool = False) -> int:
+    """``herald worker``: run until SIGTERM/SIGINT (exit 0); with ``check``, exit 0 only
+    if a worker's health-check key is fresh."""
+    if check:
+        ok = asyncio.run(worker_alive(settings))
+        print("worker: healthy" if ok else "worker: no fresh health-check key")
+        return 0 if ok else 1
+    configure_logging()
+    asyncio.run(run_worker(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m worker``: the same as ``herald worker``."""
+    parser = argparse.ArgumentParser(prog="python -m worker", description=worker_command.__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 0 if a worker is alive")
+    args = parser.parse_args(argv)
+    return run_command(lambda settings: worker_command(settings, check=args.check))

@@ -13,9 +13,9 @@ from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader
 
+from server import clientip
 from server.keys import ATTACHMENTS, SETTINGS
 from server.middlewares import current_user
-from server.sse import clientip
 from shared.errors import PayloadTooLarge, ValidationError
 from shared.validation import parse_id
 

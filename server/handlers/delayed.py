@@ -9,7 +9,7 @@ from aiohttp import web
 from server.keys import DELAYED
 from server.middlewares import current_user, read_json
 from shared.errors import ValidationError
-from shared.services.delayed import STATUSES, resolve_deliver_at
+from shared.services.delayed.scheduling import STATUSES, resolve_deliver_at
 from shared.services.messages import MAX_BODY_CHARS
 from shared.validation import get_text, parse_id, parse_int_param, require_object
 

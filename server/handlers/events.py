@@ -21,10 +21,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
+from server.clientip import client_ip
 from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
 from server.middlewares import current_user
 from server.sse import frames
-from server.sse.clientip import client_ip
 from server.sse.manager import StreamManager
 from server.sse.replay import parse_last_event_id, replay
 from server.sse.stream import CLOSING, Stream

@@ -30,8 +30,8 @@ import psycopg2
 import pytest
 
 from herald import devrun, embedded
-from herald.scratchdb import admin_exec
 from shared.settings import Settings
+from tests.scratchdb import admin_exec
 
 DEVRUN = [sys.executable, "-m", "herald.devrun"]
 # Warnings a user would see, plus deprecations; arq's own Worker.close() calls redis

@@ -9,9 +9,9 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import replace
 
-from shared.audit import AuditTrail
 from shared.metrics import Metrics
-from shared.services.orphans import OrphanScanner
+from shared.services.attachments.orphans import OrphanScanner
+from shared.services.audit import AuditTrail
 from tests.attachment_helpers import API, audit_rows, files_on_disk, make_channel, upload
 
 

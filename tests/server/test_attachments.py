@@ -12,9 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from shared.audit import AuditTrail
 from shared.constants import QUEUE_NAME
-from shared.services import file_deletions
+from shared.services.attachments import deletions as file_deletions
+from shared.services.audit import AuditTrail
 from tests.attachment_helpers import (
     API,
     audit_rows,

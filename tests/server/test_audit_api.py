@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from shared.audit import AuditTrail, Entry
+from shared.services.audit import AuditTrail, Entry
 from tests.attachment_helpers import API, make_channel, upload_ok
 
 URL = f"{API}/admin/audit"

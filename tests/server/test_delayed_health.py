@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from shared.metrics import Metrics
-from shared.services.delayed_cleanup import CleanupService
-from shared.services.queue_stats import QueueStats
+from shared.services.delayed.cleanup import CleanupService
+from shared.services.delayed.queue_stats import QueueStats
 from tests.health_fields import CLEANUP_FIELDS, CONTRACT_FIELDS
 
 API = "/api/v1"

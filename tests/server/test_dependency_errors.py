@@ -7,12 +7,12 @@ import pytest
 import redis.exceptions
 from aiohttp import web
 
-from herald.scratchdb import admin_exec, dsn_for
 from server.keys import USERS
 from server.middlewares import DEPENDENCY_ERRORS, error_middleware
 from shared.db.migrate import migrate
 from shared.db.pool import Database, create_pool
 from tests.conftest import ADMIN_DSN
+from tests.scratchdb import admin_exec, dsn_for
 
 API = "/api/v1"
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
+from server.clientip import parse_ip, resolve
 from server.sse import frames
-from server.sse.clientip import parse_ip, resolve
 from server.sse.manager import RECONNECT_MS, RateWindow, StreamManager, tick_interval
 from server.sse.replay import last_event_id
 from server.sse.stream import LIVE, SETUP

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shared import audit
-from shared.services.file_deletions import STALE_DELETING_S
+from shared.services import audit
+from shared.services.attachments.deletions import STALE_DELETING_S
 
 ROWS = 20_000
 

@@ -11,8 +11,8 @@ import sys
 import psycopg2
 import pytest
 
-from shared import audit
-from shared.audit import AuditTrail, Entry
+from shared.services import audit
+from shared.services.audit import AuditTrail, Entry
 
 
 def entry(i: int = 0, **kw) -> Entry:

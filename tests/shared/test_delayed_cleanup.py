@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.services.delayed_cleanup import CleanupService, cleanup_summary
+from shared.services.delayed.cleanup import CleanupService, cleanup_summary
 from shared.services.users import UserService
 
 

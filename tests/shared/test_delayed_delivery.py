@@ -15,9 +15,9 @@ from shared.db.pool import Database, create_pool
 from shared.errors import Conflict
 from shared.metrics import Metrics
 from shared.services.channels import ChannelService
-from shared.services.delayed import DelayedMessageService
-from shared.services.delayed_delivery import DeliveryService
-from shared.services.queue_stats import QueueStats
+from shared.services.delayed.delivery import DeliveryService
+from shared.services.delayed.queue_stats import QueueStats
+from shared.services.delayed.scheduling import DelayedMessageService
 from shared.services.users import UserService
 
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import psycopg2.errors
 import pytest
 
-from shared.services.delayed_cleanup import DELETE_BATCH_SQL
-from shared.services.delayed_delivery import DUE_SQL
+from shared.services.delayed.cleanup import DELETE_BATCH_SQL
+from shared.services.delayed.delivery import DUE_SQL
 from shared.services.users import UserService
 
 

@@ -7,9 +7,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shared.errors import ValidationError
-from shared.services.delayed import MAX_AHEAD_S, delivery_tick, parse_rfc3339, resolve_deliver_at
-from shared.services.delayed_admission import retry_after
-from shared.services.queue_stats import growth_per_min, parse_samples
+from shared.services.delayed.admission import retry_after
+from shared.services.delayed.queue_stats import growth_per_min, parse_samples
+from shared.services.delayed.scheduling import (
+    MAX_AHEAD_S,
+    delivery_tick,
+    parse_rfc3339,
+    resolve_deliver_at,
+)
 
 NOW = datetime(2030, 6, 15, 12, 0, 0, tzinfo=UTC)
 

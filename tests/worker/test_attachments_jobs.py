@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 from arq import Retry
 
-from shared.audit import AuditTrail
 from shared.constants import (
     JOB_DELETE_ATTACHMENT_FILE,
     JOB_ORPHAN_SCAN,
     JOB_RETRY_ATTACHMENT_DELETIONS,
     QUEUE_NAME,
 )
-from shared.services import file_deletions
+from shared.services.attachments import deletions as file_deletions
+from shared.services.audit import AuditTrail
 from tests.attachment_helpers import (
     API,
     audit_rows,

@@ -19,8 +19,8 @@ from shared.constants import (
     QUEUE_SAMPLES_KEY,
 )
 from shared.metrics import Metrics
+from shared.services.delayed.queue_stats import QueueStats
 from shared.services.jobs import JobService
-from shared.services.queue_stats import QueueStats
 from shared.services.users import UserService
 from worker.app import build_worker, cron_jobs, functions
 
@@ -161,7 +161,7 @@ async def test_sampler_records_history_and_logs_alert_once_per_crossing(
             (author.id, n),
         )
 
-    caplog.set_level(logging.INFO, logger="shared.services.queue_stats")
+    caplog.set_level(logging.INFO, logger="shared.services.delayed.queue_stats")
     for n in (2, 6, 7, 3, 8):
         await pending(n)
         await stats.sample()

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from arq.connections import create_pool
 
-from shared.audit import AuditTrail
 from shared.bus import arq_settings
 from shared.constants import JOB_ORPHAN_SCAN, QUEUE_NAME
 from shared.metrics import Metrics
-from shared.services.attachments import UPLOAD_LOCK_NS
-from shared.services.orphans import SCAN_LOCK_ID, OrphanScanner
-from shared.storage import STALE_TEMP_S, new_key
+from shared.services.attachments.orphans import SCAN_LOCK_ID, OrphanScanner
+from shared.services.attachments.service import UPLOAD_LOCK_NS
+from shared.services.attachments.storage import STALE_TEMP_S, new_key
+from shared.services.audit import AuditTrail
 from tests.attachment_helpers import (
     audit_rows,
     burst_worker,

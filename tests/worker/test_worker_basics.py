@@ -12,7 +12,7 @@ from arq.jobs import Job, JobStatus
 from shared.bus import arq_pool
 from shared.constants import QUEUE_NAME, WORKER_HEALTH_KEY
 from shared.settings import Settings
-from worker.app import build_worker, check, functions
+from worker.app import build_worker, functions, worker_alive
 from worker.context import WorkerContext, herald
 
 # Job functions live at module level: arq registers them under their __qualname__.
@@ -90,17 +90,17 @@ async def test_jobs_get_the_shared_services(settings: Settings) -> None:
 async def test_health_key_while_alive_and_gone_after_close(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
-    assert await check(settings) is False
+    assert await worker_alive(settings) is False
     worker = build_worker(settings, burst=True, handle_signals=False, poll_delay=0.1)
     try:
         await worker.async_run()
         assert await redis.exists(WORKER_HEALTH_KEY)
         ttl = await redis.ttl(WORKER_HEALTH_KEY)
         assert 0 < ttl <= 11  # the interval plus one second: stale soon after a crash
-        assert await check(settings) is True
+        assert await worker_alive(settings) is True
     finally:
         await worker.close()
-    assert await check(settings) is False
+    assert await worker_alive(settings) is False
 
 
 async def test_failing_job_does_not_stop_the_worker(settings: Settings) -> None:

@@ -14,10 +14,10 @@ from shared.constants import (
     JOB_ORPHAN_SCAN,
     JOB_RETRY_ATTACHMENT_DELETIONS,
 )
-from shared.services import file_deletions
-from shared.services.file_deletions import FileDeletions
-from shared.services.orphans import OrphanScanner
-from shared.storage import Storage
+from shared.services.attachments import deletions as file_deletions
+from shared.services.attachments.deletions import FileDeletions
+from shared.services.attachments.orphans import OrphanScanner
+from shared.services.attachments.storage import Storage
 from worker.context import herald
 
 logger = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ from arq.cron import CronJob, cron
 from arq.worker import Function
 
 from shared.constants import JOB_CLEANUP_DELAYED, JOB_DELIVER_DELAYED, JOB_SAMPLE_QUEUE
-from shared.services.delayed_cleanup import CleanupService
-from shared.services.delayed_delivery import DeliveryService
-from shared.services.queue_stats import SAMPLE_INTERVAL_S, QueueStats
+from shared.services.delayed.cleanup import CleanupService
+from shared.services.delayed.delivery import DeliveryService
+from shared.services.delayed.queue_stats import SAMPLE_INTERVAL_S, QueueStats
 from worker.context import herald
 
 logger = logging.getLogger(__name__)

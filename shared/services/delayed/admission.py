@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from shared.db.pool import Database, Row, Tx
 from shared.errors import RetryLater
 from shared.metrics import Metrics
-from shared.services.queue_stats import QueueStats
+from shared.services.delayed.queue_stats import QueueStats
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
 
-from shared import audit
 from shared.db.pool import Database, Tx
 from shared.metrics import Metrics
-from shared.services.attachments import UPLOAD_LOCK_NS
-from shared.services.file_deletions import FileDeletions
+from shared.services import audit
+from shared.services.attachments.deletions import FileDeletions
+from shared.services.attachments.service import UPLOAD_LOCK_NS
+from shared.services.attachments.storage import STALE_TEMP_S, FoundFile, PathRejected, Storage
 from shared.settings import Settings
-from shared.storage import STALE_TEMP_S, FoundFile, PathRejected, Storage
 
 logger = logging.getLogger(__name__)
 

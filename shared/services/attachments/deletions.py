@@ -14,10 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from shared import audit
 from shared.db.pool import Database, Row, Tx
 from shared.metrics import Metrics
-from shared.storage import PathRejected, Storage
+from shared.services import audit
+from shared.services.attachments.storage import PathRejected, Storage
 
 logger = logging.getLogger(__name__)
 

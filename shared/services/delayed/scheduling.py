@@ -23,8 +23,8 @@ from shared.errors import Conflict, NotFound, ValidationError
 from shared.metrics import Metrics
 from shared.models import User, iso
 from shared.services.channels import visible_channel
-from shared.services.delayed_admission import Admission
-from shared.services.queue_stats import QueueStats
+from shared.services.delayed.admission import Admission
+from shared.services.delayed.queue_stats import QueueStats
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)

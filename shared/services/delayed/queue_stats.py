@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from shared.constants import QUEUE_ALERT_KEY, QUEUE_MAX_SEEN_KEY, QUEUE_SAMPLES_KEY
 from shared.db.pool import Database
 from shared.metrics import Metrics
-from shared.services.delayed_cleanup import cleanup_summary
+from shared.services.delayed.cleanup import cleanup_summary
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)

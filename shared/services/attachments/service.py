@@ -20,17 +20,17 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from shared import audit
 from shared.constants import JOB_DELETE_ATTACHMENT_FILE, QUEUE_NAME
 from shared.db.pool import Database, Row
 from shared.errors import Conflict, Forbidden, NotFound, PayloadTooLarge
 from shared.metrics import Metrics
 from shared.models import User, iso
-from shared.services import file_deletions
+from shared.services import audit
+from shared.services.attachments import deletions as file_deletions
+from shared.services.attachments.deletions import FileDeletions
+from shared.services.attachments.storage import PathRejected, Storage, TooLarge, new_key
 from shared.services.channels import visible_channel
-from shared.services.file_deletions import FileDeletions
 from shared.settings import Settings
-from shared.storage import PathRejected, Storage, TooLarge, new_key
 from shared.validation import check_storable
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,51 @@
+"""What every entry point shares: loading settings, logging set-up, exit codes.
+
+``herald`` (herald/cli.py), ``python -m server`` and ``python -m worker`` each call
+:func:`run_command`, so a bad setting or a failure ends every one of them the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from shared.errors import HeraldError
+from shared.settings import Settings, SettingsError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def fail(message: str, code: int = 1) -> int:
+    print(f"herald: {message}", file=sys.stderr)
+    return code
+
+
+def describe(exc: BaseException) -> str:
+    """An error in one line: its class and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
+
+
+def run_command(command: Callable[[Settings], int]) -> int:
+    """Build the settings once (a bad one: one line naming it, exit 2), run ``command``
+    with them, and turn what escapes into an exit code and one line, never a traceback."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        return fail(f"configuration error: {exc}", EXIT_USAGE)
+    try:
+        return command(settings)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except HeraldError as exc:
+        return fail(exc.message)
+    except Exception as exc:
+        return fail(describe(exc))

@@ -1,0 +1,1 @@
+"""Attachments: the service, file deletions, the orphan scan and the storage layer."""

@@ -1,0 +1,1 @@
+"""Delayed messages: scheduling, admission, delivery, cleanup, queue figures."""
