@@ -36,6 +36,7 @@ from server.middlewares import (
     error_middleware,
 )
 from server.routes import setup_routes
+from server.sse.feeds import Feeds
 from server.sse.hub import Hub
 from server.sse.manager import StreamManager
 from shared.bus import EventBus, arq_pool, redis_client
@@ -50,6 +51,7 @@ from shared.services.channels import ChannelService
 from shared.services.delayed.queue_stats import QueueStats
 from shared.services.delayed.scheduling import DelayedMessageService
 from shared.services.jobs import JobService
+from shared.services.keys import CURSOR_KEY, load_key
 from shared.services.messages import MessageService
 from shared.services.users import UserService
 from shared.settings import Settings
@@ -115,15 +117,20 @@ async def delayed_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+    settings, manager = app[SETTINGS], app[STREAMS]
+    feeds = Feeds(messages=app[MESSAGES], sink=manager, settings=settings, metrics=app[METRICS])
+    manager.attach(feeds, app[MESSAGES], await load_key(app[DB], CURSOR_KEY))
     hub = Hub(app[REDIS], events_channel(settings.redis_db), app[METRICS])
-    hub.add_listener(app[STREAMS].on_event)
+    hub.add_listener(manager.on_event)
+    hub.on_subscribed.append(feeds.resync)
     app[HUB] = hub
+    feeds.start()  # ordered per-channel feeds; reconciles with PostgreSQL (feeds.py)
     hub.start()
-    app[STREAMS].start()  # the one process-wide SSE timer (heartbeats, stale checks)
+    manager.start()  # the one process-wide SSE timer (heartbeats, stale checks)
     yield
-    await app[STREAMS].stop()
+    await manager.stop()
     await hub.stop()
+    await feeds.stop()
 
 
 def begin_draining(app: web.Application) -> None:

@@ -25,6 +25,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post(f"{API}/channels/{{channel_id}}/messages", channels.post_message)
     r.add_get(f"{API}/channels/{{channel_id}}/messages", channels.list_messages)
     r.add_get(f"{API}/channels/{{channel_id}}/events", events.channel_events, allow_head=False)
+    r.add_get(f"{API}/events", events.events, allow_head=False)
     r.add_get(f"{API}/admin/connections", admin.admin_connections)
     r.add_post(f"{API}/channels/{{channel_id}}/delayed-messages", delayed.schedule_delayed)
     r.add_get(f"{API}/delayed-messages", delayed.list_delayed)

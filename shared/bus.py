@@ -1,15 +1,21 @@
-"""The Redis side both processes share: clients, event publishing, the arq pool."""
+"""The Redis side both processes share: clients, the events on the bus, the arq pool.
+
+Bus events are typed here, encoded by :meth:`EventBus.publish` and decoded once by
+:func:`decode_event` at the subscriber's edge; everything past that edge is typed.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from shared.constants import events_channel
+from shared.models import MessageJson
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +37,101 @@ async def arq_pool(settings: Settings) -> ArqRedis:
     return await create_pool(arq_settings(settings))
 
 
+@dataclass(frozen=True, slots=True)
+class MessagePosted:
+    """A message committed; ``prev_id`` is the channel's message before it (0: none,
+    None: unknown), so a subscriber can tell a lost or overtaken event at once."""
+
+    channel_id: int
+    prev_id: int | None
+    message: MessageJson
+
+
+@dataclass(frozen=True, slots=True)
+class MemberAdded:
+    """``user_id`` joined; ``since`` is the channel's newest message id at the join."""
+
+    channel_id: int
+    user_id: int
+    since: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRemoved:
+    channel_id: int
+    user_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDeleted:
+    channel_id: int
+
+
+BusEvent = MessagePosted | MemberAdded | MemberRemoved | ChannelDeleted
+
+# The wire names of the events (kept from the first version: "revoke" is a removal).
+TYPE_MESSAGE, TYPE_JOINED, TYPE_REVOKE, TYPE_DELETED = (
+    "message",
+    "member_added",
+    "revoke",
+    "channel_deleted",
+)
+
+
+def encode_event(event: BusEvent) -> dict[str, Any]:
+    if isinstance(event, MessagePosted):
+        return {
+            "type": TYPE_MESSAGE,
+            "channel_id": event.channel_id,
+            "prev_id": event.prev_id,
+            "message": event.message,
+        }
+    if isinstance(event, MemberAdded):
+        return {
+            "type": TYPE_JOINED,
+            "channel_id": event.channel_id,
+            "user_id": event.user_id,
+            "since": event.since,
+        }
+    if isinstance(event, MemberRemoved):
+        return {"type": TYPE_REVOKE, "channel_id": event.channel_id, "user_id": event.user_id}
+    return {"type": TYPE_DELETED, "channel_id": event.channel_id}
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def decode_event(data: Any) -> BusEvent | None:
+    """A bus payload (JSON text or a dict) as a typed event; None if it is not one."""
+    if isinstance(data, bytes | str):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return None
+    if not isinstance(data, dict):
+        return None
+    kind = data.get("type")
+    channel_id = _int(data.get("channel_id"))
+    if channel_id is None:
+        return None
+    if kind == TYPE_MESSAGE:
+        message = data.get("message")
+        if not isinstance(message, dict) or _int(message.get("id")) is None:
+            return None
+        if message.get("channel_id") != channel_id:
+            return None
+        return MessagePosted(channel_id, _int(data.get("prev_id")), cast(MessageJson, message))
+    user_id = _int(data.get("user_id"))
+    if kind == TYPE_REVOKE and user_id is not None:
+        return MemberRemoved(channel_id, user_id)
+    if kind == TYPE_JOINED and user_id is not None:
+        return MemberAdded(channel_id, user_id, _int(data.get("since")) or 0)
+    if kind == TYPE_DELETED:
+        return ChannelDeleted(channel_id)
+    return None
+
+
 class EventBus:
     """Publishes channel events to every server process (one pub/sub channel)."""
 
@@ -38,22 +139,32 @@ class EventBus:
         self.redis = redis
         self.channel = events_channel(settings.redis_db)
 
-    async def publish(self, event: dict[str, Any]) -> None:
-        """Publish after the database transaction committed; a Redis failure is logged,
-        not raised, because the message is already stored and replayable."""
-        payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    async def publish(self, event: BusEvent) -> bool:
+        """Publish after the database transaction committed. A Redis failure is logged,
+        not raised: the change is stored, and every server process finds a message it
+        missed in PostgreSQL (server/sse/feeds.py). True if Redis took it."""
+        wire = encode_event(event)
+        payload = json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
         try:
             await self.redis.publish(self.channel, payload)
-        except Exception:
-            logger.exception("publishing %s event failed", event.get("type"))
+        except Exception as exc:
+            # One line, no traceback: during an outage every post comes here.
+            logger.warning(
+                "publishing %s event failed (%s); subscribers catch up from PostgreSQL",
+                wire["type"],
+                exc.__class__.__name__,
+            )
+            return False
+        return True
 
-    async def message_posted(self, message: dict[str, Any]) -> None:
-        await self.publish(
-            {"type": "message", "channel_id": message["channel_id"], "message": message}
-        )
+    async def message_posted(self, message: MessageJson, prev_id: int | None) -> None:
+        await self.publish(MessagePosted(message["channel_id"], prev_id, message))
+
+    async def member_added(self, channel_id: int, user_id: int, since: int) -> None:
+        await self.publish(MemberAdded(channel_id, user_id, since))
 
     async def member_removed(self, channel_id: int, user_id: int) -> None:
-        await self.publish({"type": "revoke", "channel_id": channel_id, "user_id": user_id})
+        await self.publish(MemberRemoved(channel_id, user_id))
 
     async def channel_deleted(self, channel_id: int) -> None:
-        await self.publish({"type": "channel_deleted", "channel_id": channel_id})
+        await self.publish(ChannelDeleted(channel_id))

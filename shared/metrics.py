@@ -32,6 +32,37 @@ class SharedFigures(Collector):
         return out
 
 
+class Tally:
+    """A Prometheus counter and the figure /health shows, moved by one call, so the two
+    never disagree. For a labelled counter, ``inc(label)`` and ``tally[label]``."""
+
+    __slots__ = ("_children", "counter", "values")
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.values: dict[str, int] = {}
+        self._children: dict[str, Counter] = {}
+
+    def inc(self, label: str = "", n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.values[label] = self.values.get(label, 0) + n
+        child = self._children.get(label)
+        if child is None:
+            child = self._children[label] = self.counter.labels(label) if label else self.counter
+        child.inc(n)
+
+    def __getitem__(self, label: str) -> int:
+        return self.values.get(label, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.values.values())
+
+    def by_label(self) -> dict[str, int]:
+        return dict(sorted(self.values.items()))
+
+
 QUEUE_FIGURES = {
     "herald_delayed_queue_size": "Pending delayed messages, all users",
     "herald_delayed_queue_max_size": "HERALD_QUEUE_MAX",
@@ -88,6 +119,36 @@ class Metrics:
         )
         self.sse_resets = Counter(
             "herald_sse_resets", "Reconnects that missed too much and got a reset", registry=r
+        )
+        self.sse_slow_consumers = Counter(
+            "herald_sse_slow_consumers", "Streams closed as slow consumers", registry=r
+        )
+        self.sse_stale_detected = Counter(
+            "herald_sse_stale_detected", "Streams found stale", registry=r
+        )
+        self.sse_subscriptions = Counter(
+            "herald_sse_subscriptions",
+            "Channels added to (subscribed) or dropped from (unsubscribed) open streams",
+            ["event"],
+            registry=r,
+        )
+        # Live delivery's per-channel feeds (server/sse/feeds.py).
+        self.sse_feed_events = Counter(
+            "herald_sse_feed_events",
+            "Bus message events by what the feed made of them (in_order, gap, duplicate)",
+            ["kind"],
+            registry=r,
+        )
+        self.sse_feed_filled = Counter(
+            "herald_sse_feed_filled_messages",
+            "Messages a feed read from PostgreSQL because the bus did not bring them in order",
+            registry=r,
+        )
+        self.sse_feed_resets = Counter(
+            "herald_sse_feed_resets", "Channels that missed too much and were reset", registry=r
+        )
+        self.sse_feed_errors = Counter(
+            "herald_sse_feed_errors", "Failed reconcile or fill passes", registry=r
         )
         self.fanout_seconds = Histogram(
             "herald_sse_fanout_seconds",

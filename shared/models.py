@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -24,7 +24,22 @@ class User:
         return {"id": self.id, "name": self.name, "is_admin": self.is_admin}
 
 
-def message_json(row: dict[str, Any]) -> dict[str, Any]:
+class AuthorJson(TypedDict):
+    id: int
+    name: str
+
+
+class MessageJson(TypedDict):
+    """The message object of the REST API and of SSE ``message`` events."""
+
+    id: int
+    channel_id: int
+    author: AuthorJson
+    body: str
+    created_at: str | None
+
+
+def message_json(row: dict[str, Any]) -> MessageJson:
     """A message row (with ``author_name``) as the API shows it."""
     return {
         "id": row["id"],

@@ -200,6 +200,9 @@ class Settings:
     orphan_grace_s: int = 3600
     cors_origins: frozenset[str] = field(default_factory=frozenset)
     delivery_max_lateness_s: int = 300
+    sse_max_channels: int = 100
+    sse_catchup_s: float = 5.0
+    backend_timeout_s: float = 5.0
 
     @classmethod
     def from_env(
@@ -249,6 +252,9 @@ class Settings:
             orphan_grace_s=_int(e, "HERALD_ORPHAN_GRACE_S", 3600),
             cors_origins=_origins(e, "HERALD_CORS_ORIGINS"),
             delivery_max_lateness_s=_int(e, "HERALD_DELIVERY_MAX_LATENESS_S", 300, minimum=1),
+            sse_max_channels=_int(e, "HERALD_SSE_MAX_CHANNELS", 100, minimum=1),
+            sse_catchup_s=_float(e, "HERALD_SSE_CATCHUP_S", 5.0, minimum=0.1),
+            backend_timeout_s=_float(e, "HERALD_BACKEND_TIMEOUT_S", 5.0, minimum=0.1),
         )
 
     @property

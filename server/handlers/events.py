@@ -1,4 +1,5 @@
-"""``GET /api/v1/channels/{id}/events``: the SSE stream of one channel.
+"""The SSE streams: ``GET /api/v1/channels/{id}/events`` (one channel) and
+``GET /api/v1/events`` (several, or every channel the caller is a member of).
 
 Order matters: auth (middleware), input, visibility (404), then limits and registration
 in one step, then the response starts. Until registration nothing is held; after it,
@@ -25,9 +26,11 @@ from server.clientip import client_ip
 from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
 from server.middlewares import current_user
 from server.sse import frames
+from server.sse.cursor import Cursor
 from server.sse.manager import StreamManager
-from server.sse.replay import parse_last_event_id, replay
-from server.sse.stream import CLOSING, Stream
+from server.sse.replay import parse_last_event_id, parse_resume, replay, replay_many
+from server.sse.stream import CHOSEN, CLOSING, MEMBERSHIP, ONE, Stream
+from shared.errors import NotFound, RetryLater, ValidationError
 from shared.validation import parse_id
 
 logger = logging.getLogger(__name__)
@@ -91,11 +94,11 @@ FLUSH_POLL_S = 0.05
 
 
 async def channel_events(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/channels/{id}/events``: one channel; ``id:`` is the message id."""
     user = current_user(request)
     channel_id = parse_id(request.match_info["channel_id"], "channel id")
     after_id = parse_last_event_id(request)
     app = request.app
-    settings = app[SETTINGS]
     manager = app[STREAMS]
     while True:
         since = time.monotonic()
@@ -104,25 +107,116 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
         # the check may have read the state before it: check again.
         if not manager.revoked_since(channel_id, user.id, since):
             break
-    ip = client_ip(request, settings.trusted_proxies)
+    ip = client_ip(request, app[SETTINGS].trusted_proxies)
     stream = manager.open(
         channel_id=channel_id, user_id=user.id, ip=ip, transport=request.transport
     )
     logger.debug("SSE %s opened: channel %d user %d", stream.id, channel_id, user.id)
+    return await run_stream(request, stream, after_id=after_id)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/events``: several channels on one stream (``?channels=``), or every
+    channel the caller is a member of, kept current; ``id:`` is a cursor."""
+    user = current_user(request)
+    app = request.app
+    settings, manager = app[SETTINGS], app[STREAMS]
+    resume = parse_resume(request, manager.cursor_key)
+    chosen = "channels" in request.query
+    wanted = channel_list(request, settings.sse_max_channels) if chosen else []
+    while True:
+        since = time.monotonic()
+        if chosen:
+            if await app[CHANNELS].visible_ids(user, wanted) != set(wanted):
+                # One answer for any id the caller cannot see, naming none.
+                raise NotFound("channel not found", code="channel_not_found")
+            followed = set(wanted)
+        else:
+            followed = set(await app[CHANNELS].member_ids(user))
+        if not any(manager.revoked_since(c, user.id, since) for c in followed):
+            break
+    if not chosen:
+        followed |= {c for c, _ in manager.joined_since(user.id, since)}
+    ip = client_ip(request, settings.trusted_proxies)
+    stream = manager.open(
+        channels=followed,
+        kind=CHOSEN if chosen else MEMBERSHIP,
+        user_id=user.id,
+        ip=ip,
+        transport=request.transport,
+    )
+    logger.debug("SSE %s opened: %d channels, user %d", stream.id, len(followed), user.id)
+    return await run_stream(request, stream, resume=resume)
+
+
+def channel_list(request: web.Request, maximum: int) -> list[int]:
+    """``?channels=1,2,3``: 1 to ``maximum`` distinct ids (duplicates collapse)."""
+    raw = request.query.get("channels", "")
+    if len(raw) > 24 * maximum:
+        raise ValidationError(f"channels: at most {maximum} channel ids")
+    parts = [p.strip() for p in raw.split(",")]
+    if not raw.strip() or any(not p for p in parts):
+        raise ValidationError("channels: a comma-separated list of channel ids")
+    ids = sorted({parse_id(p, "channels") for p in parts})
+    if len(ids) > maximum:
+        raise ValidationError(f"channels: at most {maximum} channel ids")
+    return ids
+
+
+async def run_stream(
+    request: web.Request,
+    stream: Stream,
+    *,
+    after_id: int | None = None,
+    resume: Cursor | None = None,
+) -> web.StreamResponse:
+    """Set a registered stream up (feeds ready, ready event, replay) and hand it over."""
+    app = request.app
+    settings, manager = app[SETTINGS], app[STREAMS]
+    feeds = manager.feeds
     response = EventStream(stream, manager)
     handed_over = False
     try:
+        if feeds is not None and not await feeds.wait_ready(
+            stream.channels, settings.backend_timeout_s
+        ):
+            raise RetryLater(
+                "the message store does not answer; reconnect shortly",
+                code="service_unavailable",
+                status=503,
+                retry_after=2,
+            )
+        # From here the feeds' writes for this stream are buffered; the replay covers
+        # up to these heads (no await since the buffer started to matter).
+        heads = {
+            c: (f.head or 0) if feeds is not None and (f := feeds.feeds.get(c)) else 0
+            for c in stream.channels
+        }
         if request.version >= (1, 1):
             response.enable_chunked_encoding()
         else:
             stream.chunked = False  # HTTP/1.0: the body ends when the connection does
         stream.writer = await response.prepare(request)
         manager.note_write(stream)
-        await response.write(frames.ready(stream.id, channel_id, settings.sse_heartbeat_s))
+        if stream.kind == ONE:
+            ready = frames.ready(stream.id, stream.channel_id, settings.sse_heartbeat_s)
+        else:
+            ready = frames.ready_multi(stream.id, sorted(heads), settings.sse_heartbeat_s)
+        await response.write(ready)
         stream.events_sent += 1
         manager.count_sent("ready")
-        if after_id is not None:
-            await replay(stream, response, app[MESSAGES], manager, after_id)
+        messages = app[MESSAGES]
+        if stream.kind == ONE:
+            head = heads[stream.channel_id]
+            if after_id is None:
+                stream.sent_id = head
+            else:
+                await replay(stream, response, messages, manager, after_id, head)
+        elif resume is None:
+            assert stream.positions is not None
+            stream.positions.update(heads)
+        else:
+            await replay_many(stream, response, messages, manager, resume, heads)
         manager.go_live(stream)
         handed_over = True  # from here the response's write_eof waits and cleans up
     except ConnectionError:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from shared.bus import BusEvent, decode_event
 from shared.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-Listener = Callable[[dict[str, Any]], None]
+Listener = Callable[[BusEvent], None]
 
 
 class Hub:
@@ -28,6 +28,9 @@ class Hub:
         self.channel = channel
         self.metrics = metrics
         self.listeners: list[Listener] = []
+        # Called each time the subscription is (re)made: events published while it was
+        # down are gone, and the feeds reconcile from PostgreSQL at once.
+        self.on_subscribed: list[Callable[[], None]] = []
         self.subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -45,19 +48,28 @@ class Hub:
 
     async def _run(self) -> None:
         delay = 0.1
+        lost = False
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
+                if delay > 0.1 or lost:
+                    logger.info("bus subscription is back")
+                lost = False
+                for callback in self.on_subscribed:
+                    callback()
                 delay = 0.1
                 async for raw in pubsub.listen():
                     self.dispatch(raw.get("data"))
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 self.subscribed.clear()
-                logger.warning("bus subscription lost; retrying in %.1fs", delay, exc_info=True)
+                if not lost:
+                    # One line per outage, not one per attempt.
+                    logger.warning("bus subscription lost (%s); reconnecting", exc)
+                    lost = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
@@ -65,14 +77,12 @@ class Hub:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def dispatch(self, data: Any) -> None:
-        try:
-            event = json.loads(data)
-        except (TypeError, ValueError):
+        """The one decoder at the bus's edge: typed from here on."""
+        event = decode_event(data)
+        if event is None:
             logger.warning("ignoring malformed bus event")
             return
-        if not isinstance(event, dict):
-            return
-        self.metrics.events_received.labels(str(event.get("type"))).inc()
+        self.metrics.events_received.labels(type(event).__name__).inc()
         with self.metrics.fanout_seconds.time():
             for listener in self.listeners:
                 try:

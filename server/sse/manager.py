@@ -12,14 +12,29 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from server.sse import frames
+from server.sse import cursor, frames
+from server.sse.feeds import Feeds
 from server.sse.frames import Frame
-from server.sse.stream import CLOSING, FULL, GONE, LIVE, SETUP, WRITTEN, Stream
+from server.sse.stream import (
+    CHOSEN,
+    CLOSING,
+    FULL,
+    GONE,
+    LIVE,
+    MEMBERSHIP,
+    ONE,
+    SETUP,
+    WRITTEN,
+    Batch,
+    Stream,
+)
+from shared.bus import BusEvent, MemberAdded, MemberRemoved, MessagePosted
 from shared.errors import RetryLater
-from shared.metrics import Metrics
+from shared.metrics import Metrics, Tally
+from shared.services.messages import MessageService, Posted
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,8 +54,6 @@ RETRY_AFTER_PER_IP_S = 5
 RETRY_AFTER_BUSY_S = (1, 10)
 RETRY_AFTER_DRAINING_S = (1, 5)
 RATE_WINDOW_S = 10
-# How long after a replay live events are checked against what the replay sent.
-DEDUPE_S = 10.0
 # How long a revoke or channel deletion is remembered for stream requests whose
 # visibility check was in flight when it went by (see ``revoked_since``).
 REVOKE_MEMORY_S = 300.0
@@ -76,7 +89,8 @@ def tick_interval(settings: Settings) -> float:
 
 
 class StreamManager:
-    """Registry keyed by id, indexed by channel (fan-out) and by IP (limits)."""
+    """Registry keyed by id, indexed by channel (fan-out), by IP (limits) and, for
+    streams that follow memberships, by user."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
@@ -84,37 +98,79 @@ class StreamManager:
         self.streams: dict[str, Stream] = {}
         self.by_channel: dict[int, set[Stream]] = {}
         self.by_ip: dict[str, set[Stream]] = {}
+        self.by_user: dict[int, set[Stream]] = {}
         self.draining = False
         self.peak = 0
-        self.opened_total = 0
-        self.rejected: Counter[str] = Counter()
-        self.closed: Counter[str] = Counter()
-        self.stale_detected_total = 0
         self.stale_active = 0
-        self.slow_consumer_total = 0
-        self.replayed_total = 0
-        self.resets_total = 0
+        # Each figure /health shows and its Prometheus counter, moved together.
+        self.opened = Tally(metrics.sse_opened)
+        self.rejected = Tally(metrics.sse_rejected)
+        self.closed = Tally(metrics.sse_closed)
+        self.stale_detected = Tally(metrics.sse_stale_detected)
+        self.slow_consumers = Tally(metrics.sse_slow_consumers)
+        self.replayed = Tally(metrics.sse_replayed)
+        self.resets = Tally(metrics.sse_resets)
+        self.sent = Tally(metrics.sse_events_sent)
+        self.subscriptions = Tally(metrics.sse_subscriptions)
         self.rate = RateWindow()
         self.tick_s = tick_interval(settings)
         # (channel id, user id) or (channel id, None) for a deletion -> monotonic time.
         self.revoked: dict[tuple[int, int | None], float] = {}
+        # user id -> [(channel id, since, monotonic time)]: joins, for membership
+        # streams whose channel list was being read when they went by.
+        self.joined: dict[int, list[tuple[int, int, float]]] = {}
         self._next_prune = 0.0
         self._empty = asyncio.Event()
         self._empty.set()
         self._task: asyncio.Task[None] | None = None
-        self._sent = {
-            kind: metrics.sse_events_sent.labels(kind)
-            for kind in ("message", "heartbeat", "close", "ready", "reset")
-        }
+        self._catch_ups: set[asyncio.Task[None]] = set()
+        # Set by attach() when the app starts: the feeds, the message reads that
+        # catch-ups need, and the key that signs multi-channel cursors.
+        self.feeds: Feeds | None = None
+        self.messages: MessageService | None = None
+        self.cursor_key = b""
         metrics.sse_active.set_function(lambda: len(self.streams))
         metrics.sse_peak.set_function(lambda: self.peak)
         metrics.sse_stale_active.set_function(lambda: self.stale_active)
         metrics.sse_new_per_s.set_function(lambda: self.rate.rate(time.monotonic()))
 
+    def attach(self, feeds: Feeds, messages: MessageService, cursor_key: bytes) -> None:
+        self.feeds = feeds
+        self.messages = messages
+        self.cursor_key = cursor_key
+
+    # The figures under their first names (tests and /health read these).
+    @property
+    def opened_total(self) -> int:
+        return self.opened.total
+
+    @property
+    def stale_detected_total(self) -> int:
+        return self.stale_detected.total
+
+    @property
+    def slow_consumer_total(self) -> int:
+        return self.slow_consumers.total
+
+    @property
+    def replayed_total(self) -> int:
+        return self.replayed.total
+
+    @property
+    def resets_total(self) -> int:
+        return self.resets.total
+
     # -- registration --------------------------------------------------------------
 
     def open(
-        self, *, channel_id: int, user_id: int, ip: str, transport: asyncio.Transport | None
+        self,
+        *,
+        user_id: int,
+        ip: str,
+        transport: asyncio.Transport | None,
+        channel_id: int | None = None,
+        channels: Iterable[int] = (),
+        kind: int = ONE,
     ) -> Stream:
         """Check the limits and register a new stream in one step (no await between),
         or raise RetryLater: 429 per IP or global, 503 while draining."""
@@ -150,42 +206,61 @@ class StreamManager:
                     retry_after=RETRY_AFTER_PER_IP_S,
                 )
         now = time.monotonic()
-        stream = Stream(channel_id=channel_id, user_id=user_id, ip=ip, transport=transport, now=now)
+        followed = {channel_id} if channel_id is not None else set(channels)
+        stream = Stream(
+            channels=followed, user_id=user_id, ip=ip, transport=transport, kind=kind, now=now
+        )
         self.streams[stream.id] = stream
-        self.by_channel.setdefault(channel_id, set()).add(stream)
+        for c in followed:
+            self._follow(stream, c)
         self.by_ip.setdefault(ip, set()).add(stream)
+        if kind == MEMBERSHIP:
+            self.by_user.setdefault(user_id, set()).add(stream)
         self._empty.clear()
-        self.opened_total += 1
+        self.opened.inc()
         self.rate.add(now)
         self.peak = max(self.peak, len(self.streams))
-        self.metrics.sse_opened.inc()
         return stream
 
+    def _follow(self, stream: Stream, channel_id: int) -> None:
+        self.by_channel.setdefault(channel_id, set()).add(stream)
+        if self.feeds is not None:
+            self.feeds.acquire(channel_id)
+
+    def _unfollow(self, stream: Stream, channel_id: int) -> None:
+        subs = self.by_channel.get(channel_id)
+        if subs is not None and stream in subs:
+            subs.discard(stream)
+            if not subs:
+                del self.by_channel[channel_id]
+            if self.feeds is not None:
+                self.feeds.release(channel_id)
+
     def _reject(self, kind: str) -> None:
-        self.rejected[kind] += 1
-        self.metrics.sse_rejected.labels(kind).inc()
+        self.rejected.inc(kind)
 
     def unregister(self, stream: Stream) -> None:
         """Forget a stream and every count it held; safe to call more than once."""
         if self.streams.pop(stream.id, None) is None:
             return
-        subs = self.by_channel.get(stream.channel_id)
-        if subs is not None:
-            subs.discard(stream)
-            if not subs:
-                del self.by_channel[stream.channel_id]
+        for c in stream.channels:
+            self._unfollow(stream, c)
         peers = self.by_ip.get(stream.ip)
         if peers is not None:
             peers.discard(stream)
             if not peers:
                 del self.by_ip[stream.ip]
+        mine = self.by_user.get(stream.user_id)
+        if mine is not None:
+            mine.discard(stream)
+            if not mine:
+                del self.by_user[stream.user_id]
         if stream.stale:
             self.stale_active -= 1
-        reason = stream.close_reason or "gone"
-        self.closed[reason] += 1
-        self.metrics.sse_closed.labels(reason).inc()
+        self.closed.inc(stream.close_reason or "gone")
         stream.state = CLOSING
         stream.buffer = None
+        stream.catching_up = None
         stream.wake()
         if not self.streams:
             self._empty.set()
@@ -204,7 +279,7 @@ class StreamManager:
             stream.start_clock(time.monotonic())
 
     def count_sent(self, kind: str, n: int = 1) -> None:
-        self._sent[kind].inc(n)
+        self.sent.inc(kind, n)
 
     def _trouble(self, stream: Stream, outcome: int) -> None:
         if outcome == GONE:
@@ -212,38 +287,80 @@ class StreamManager:
         elif outcome == FULL:
             self.close(stream, "slow_consumer")
 
-    def publish_message(self, channel_id: int, message: dict[str, Any]) -> None:
-        """Encode a message once and write it to every local subscriber of the channel."""
+    def emit(self, channel_id: int, batch: Sequence[Posted]) -> None:
+        """A feed's next messages of a channel, in order: encoded once each, written to
+        every local stream of the channel, one write per stream (feeds.py calls this)."""
         subs = self.by_channel.get(channel_id)
         if not subs:
             return
-        frame = frames.message(message)
-        message_id = int(message["id"])
+        encoded: Batch = [(p.id, frames.message_frames(p.message)) for p in batch]
+        size = sum(len(f.bare.chunked) for _, f in encoded)
         now = time.monotonic()
         limit = self.settings.sse_buffer_bytes
-        size = len(frame.raw)
-        written = 0
         trouble: list[tuple[Stream, int]] = []
         for s in subs:
             state = s.state
             if state == LIVE:
-                if s.dedupe_until > now and s.already_sent(message_id):
+                if s.catching_up is not None and channel_id in s.catching_up:
+                    s.catching_up[channel_id].append(encoded)
                     continue
-                outcome = s.send(frame, now, limit)
-                if outcome == WRITTEN:
-                    written += 1
-                else:
+                outcome = self._write_batch(s, channel_id, encoded, now, limit)
+                if outcome != WRITTEN:
                     trouble.append((s, outcome))
             elif state == SETUP and s.buffer is not None and s.close_reason is None:
                 # Replay in progress: keep it for go_live, bounded like any backlog.
-                s.buffer.append((message_id, frame))
+                s.buffer.append((channel_id, encoded))
                 s.buffered_bytes += size
                 if s.buffered_bytes > limit:
                     trouble.append((s, FULL))
         for s, outcome in trouble:
             self._trouble(s, outcome)
-        if written:
-            self._sent["message"].inc(written)
+
+    def _write_batch(
+        self, s: Stream, channel_id: int, encoded: Batch, now: float, limit: int
+    ) -> int:
+        """Write what of ``encoded`` the stream has not had, in one write: per-channel
+        streams get each frame with its id; multi-channel ones the bare frames and then
+        their cursor. Nothing awaits here."""
+        positions = s.positions
+        if positions is None:
+            after = s.sent_id
+            parts = [f.with_id for mid, f in encoded if mid > after]
+            if not parts:
+                return WRITTEN
+            s.sent_id = encoded[-1][0]
+            if len(parts) == 1:
+                data = parts[0].chunked if s.chunked else parts[0].raw
+            else:
+                data = b"".join(p.chunked if s.chunked else p.raw for p in parts)
+        else:
+            after = positions.get(channel_id, -1)
+            bare = [f.bare for mid, f in encoded if mid > after]
+            if not bare:
+                return WRITTEN
+            positions[channel_id] = encoded[-1][0]
+            data = b"".join(b.chunked if s.chunked else b.raw for b in bare) + s.frame_bytes(
+                frames.cursor_id(self.cursor_for(s))
+            )
+            parts = bare
+        outcome = s.send_bytes(data, now, limit, events=len(parts))
+        if outcome == WRITTEN:
+            self.sent.inc("message", len(parts))
+        return outcome
+
+    def cursor_for(self, s: Stream) -> str:
+        """The stream's cursor now: the process's watermark, plus the channels where
+        the stream's position differs from it (see cursor.py). A channel whose position
+        the watermark passed needs no entry, and no dedupe either: every later message
+        of it has a larger id."""
+        positions = s.positions
+        assert positions is not None
+        watermark = self.feeds.watermark if self.feeds is not None else 0
+        keep = s.catching_up
+        for c in [c for c, p in positions.items() if p <= watermark]:
+            if keep is None or c not in keep:
+                del positions[c]
+        return cursor.encode(self.cursor_key, watermark, positions)
 
     def go_live(self, stream: Stream) -> None:
         """End SETUP: write what arrived during replay (skipping what the client has or
@@ -254,20 +371,65 @@ class StreamManager:
         pending, stream.buffer = stream.buffer or [], None
         stream.state = LIVE
         stream.next_heartbeat = now + self.settings.sse_heartbeat_s
-        if stream.sent_id or stream.replayed:
-            stream.dedupe_until = now + DEDUPE_S
         limit = self.settings.sse_buffer_bytes
-        written = 0
-        for message_id, frame in pending:
-            if stream.already_sent(message_id):
+        joined = stream.catching_up
+        for channel_id, encoded in pending:
+            if channel_id not in stream.channels:
                 continue
-            outcome = stream.send(frame, now, limit)
+            if joined is not None and channel_id in joined:
+                joined[channel_id].append(encoded)
+                continue
+            outcome = self._write_batch(stream, channel_id, encoded, now, limit)
             if outcome != WRITTEN:
                 self._trouble(stream, outcome)
-                break
-            written += 1
-        if written:
-            self._sent["message"].inc(written)
+                return
+        # Channels joined during SETUP: announced now, replayed from their join.
+        for channel_id in list(joined or ()):
+            if stream.state != LIVE:
+                return
+            assert stream.positions is not None
+            self._start_catch_up(stream, channel_id, stream.positions[channel_id])
+
+    def write_now(self, stream: Stream, raw: bytes, kind: str) -> bool:
+        """One control frame (subscribed, unsubscribed, reset) to a live stream; False
+        if the stream is gone or full (and then closed)."""
+        outcome = stream.send_bytes(
+            stream.frame_bytes(raw), time.monotonic(), self.settings.sse_buffer_bytes
+        )
+        if outcome != WRITTEN:
+            self._trouble(stream, outcome)
+            return False
+        self.sent.inc(kind)
+        return True
+
+    def reset_channel(self, channel_id: int, last_id: int) -> None:
+        """The feed skipped ahead (too much missed): every stream of the channel is told
+        to refetch it up to ``last_id``."""
+        for s in list(self.by_channel.get(channel_id, ())):
+            if s.state == SETUP:
+                self._reset_setup(s)
+                continue
+            if s.state != LIVE:
+                continue
+            self.resets.inc()
+            if s.positions is None:
+                s.sent_id = last_id
+                self.write_now(s, frames.reset(last_id), "reset")
+            else:
+                s.positions[channel_id] = last_id
+                if s.catching_up is not None:
+                    s.catching_up.pop(channel_id, None)
+                self.write_now(
+                    s,
+                    frames.reset_multi(channel_id, last_id) + frames.cursor_id(self.cursor_for(s)),
+                    "reset",
+                )
+
+    def _reset_setup(self, s: Stream) -> None:
+        # A stream still replaying cannot be written now, and its replay ends where the
+        # feed's skip begins. Close it: the client reconnects at once (shutdown's short
+        # delay) and replays, or gets its own reset, from PostgreSQL.
+        self.close(s, "shutdown")
 
     def close(self, stream: Stream, reason: str, *, deadline: float | None = None) -> None:
         """Close with a reason: a LIVE stream gets its ``close`` event now; a stream still
@@ -279,11 +441,11 @@ class StreamManager:
         stream.reconnect_after_ms = random.randint(*RECONNECT_MS[reason])
         stream.closing_deadline = now + CLOSE_GRACE_S if deadline is None else deadline
         if reason == "slow_consumer":
-            self.slow_consumer_total += 1
+            self.slow_consumers.inc()
         if stream.state == LIVE:
             stream.state = CLOSING
             if stream.force_write(frames.close(reason, stream.reconnect_after_ms)):
-                self._sent["close"].inc()
+                self.sent.inc("close")
             else:
                 self.gone(stream)
                 return
@@ -291,33 +453,29 @@ class StreamManager:
 
     def close_frame(self, stream: Stream) -> Frame:
         """For a handler that ends a stream closed during SETUP."""
-        self._sent["close"].inc()
+        self.sent.inc("close")
         return frames.close(stream.close_reason or "shutdown", stream.reconnect_after_ms)
 
     # -- bus events ----------------------------------------------------------------
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: BusEvent) -> None:
         """Bus listener (one subscription per process, see hub.py)."""
-        kind = event.get("type")
-        channel_id = event.get("channel_id")
-        if isinstance(channel_id, int) and kind in ("revoke", "channel_deleted"):
-            user_id = event.get("user_id") if kind == "revoke" else None
-            self.revoked[(channel_id, user_id if isinstance(user_id, int) else None)] = (
-                time.monotonic()
-            )
-        if not isinstance(channel_id, int) or channel_id not in self.by_channel:
+        if isinstance(event, MessagePosted):
+            if self.feeds is not None:
+                self.feeds.on_message(event)
             return
-        if kind == "message":
-            message = event.get("message")
-            if isinstance(message, dict) and isinstance(message.get("id"), int):
-                self.publish_message(channel_id, message)
-        elif kind == "revoke":
-            user_id = event.get("user_id")
-            for s in [s for s in self.by_channel[channel_id] if s.user_id == user_id]:
-                self.close(s, "revoked")
-        elif kind == "channel_deleted":
-            for s in list(self.by_channel[channel_id]):
-                self.close(s, "revoked")
+        now = time.monotonic()
+        channel_id = event.channel_id
+        if isinstance(event, MemberAdded):
+            self.joined.setdefault(event.user_id, []).append((channel_id, event.since, now))
+            for s in list(self.by_user.get(event.user_id, ())):
+                self.subscribe(s, channel_id, event.since)
+            return
+        user_id = event.user_id if isinstance(event, MemberRemoved) else None
+        self.revoked[(channel_id, user_id)] = now
+        for s in list(self.by_channel.get(channel_id, ())):
+            if user_id is None or s.user_id == user_id:
+                self.unsubscribe(s, channel_id)
 
     def revoked_since(self, channel_id: int, user_id: int, since: float) -> bool:
         """Whether the user's access to the channel was revoked (or the channel deleted)
@@ -329,17 +487,137 @@ class StreamManager:
                 return True
         return False
 
+    def joined_since(self, user_id: int, since: float) -> list[tuple[int, int]]:
+        """Channels the user joined at or after ``since``, with each join's position."""
+        return [(c, pos) for c, pos, at in self.joined.get(user_id, ()) if at >= since]
+
+    # -- channels joining and leaving open streams ---------------------------------
+
+    def unsubscribe(self, stream: Stream, channel_id: int) -> None:
+        """Access to the channel ended: a per-channel stream closes (``revoked``); a
+        multi-channel stream drops it with ``unsubscribed`` and stays open (a chosen
+        list closes once nothing of it is left)."""
+        if stream.kind == ONE:
+            self.close(stream, "revoked")
+            return
+        if channel_id not in stream.channels:
+            return
+        stream.channels.discard(channel_id)
+        self._unfollow(stream, channel_id)
+        if stream.positions is not None:
+            stream.positions.pop(channel_id, None)
+        if stream.catching_up is not None:
+            stream.catching_up.pop(channel_id, None)
+        self.subscriptions.inc("unsubscribed")
+        if stream.state == LIVE:
+            self.write_now(stream, frames.unsubscribed(channel_id), "unsubscribed")
+        if stream.kind == CHOSEN and not stream.channels:
+            self.close(stream, "revoked")
+
+    def subscribe(self, stream: Stream, channel_id: int, since: int) -> None:
+        """A membership stream's user joined ``channel_id``: follow it from ``since``
+        (the channel's newest id at the join); what came after is replayed first."""
+        if channel_id in stream.channels or stream.close_reason is not None:
+            return
+        if stream.state not in (LIVE, SETUP) or stream.positions is None:
+            return
+        stream.channels.add(channel_id)
+        self._follow(stream, channel_id)
+        stream.positions[channel_id] = since
+        self.subscriptions.inc("subscribed")
+        if stream.catching_up is None:
+            stream.catching_up = {}
+        stream.catching_up[channel_id] = []
+        if stream.state == LIVE:  # in SETUP, go_live starts it
+            self._start_catch_up(stream, channel_id, since)
+
+    def _start_catch_up(self, stream: Stream, channel_id: int, since: int) -> None:
+        if not self.write_now(stream, frames.subscribed(channel_id), "subscribed"):
+            return
+        task = asyncio.create_task(self._catch_up(stream, channel_id, since))
+        self._catch_ups.add(task)
+        task.add_done_callback(self._catch_ups.discard)
+
+    async def _catch_up(self, stream: Stream, channel_id: int, since: int) -> None:
+        """Replay a newly joined channel up to its feed's head, then let the feed write."""
+        try:
+            await self._replay_joined(stream, channel_id, since)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("SSE %s: catch-up of channel %d failed; closing", stream.id, channel_id)
+            self.close(stream, "shutdown")
+
+    async def _replay_joined(self, stream: Stream, channel_id: int, since: int) -> None:
+        feeds, messages = self.feeds, self.messages
+        if feeds is None or messages is None:
+            return
+        await feeds.wait_ready([channel_id], self.settings.backend_timeout_s)
+        feed = feeds.feeds.get(channel_id)
+        if feed is None or feed.head is None or stream.catching_up is None:
+            return
+        head = feed.head
+        limit = self.settings.sse_buffer_bytes
+        missed = 0
+        if head > since:
+            missed = (await messages.count_between({channel_id: (since, head)}, 1001))[channel_id]
+        after = since
+        while missed and after < head and stream.state == LIVE:
+            rows = await messages.between({channel_id: (since, head)}, after, 100)
+            if not rows or missed > 1000:
+                break
+            if stream.state != LIVE or stream.positions is None:
+                return
+            data = b"".join(frames.message_frames(r).bare.raw for r in rows)
+            after = rows[-1]["id"]
+            stream.positions[channel_id] = after
+            outcome = stream.send_bytes(
+                stream.frame_bytes(data + frames.cursor_id(self.cursor_for(stream))),
+                time.monotonic(),
+                limit,
+                events=len(rows),
+            )
+            if outcome != WRITTEN:
+                self._trouble(stream, outcome)
+                return
+            self.replayed.inc(n=len(rows))
+            self.sent.inc("message", len(rows))
+        if stream.state != LIVE or stream.catching_up is None or stream.positions is None:
+            return
+        waiting = stream.catching_up.pop(channel_id, None)
+        if not stream.catching_up:
+            stream.catching_up = None
+        if waiting is None:
+            return
+        if missed > 1000:
+            stream.positions[channel_id] = head
+            self.resets.inc()
+            if not self.write_now(
+                stream,
+                frames.reset_multi(channel_id, head) + frames.cursor_id(self.cursor_for(stream)),
+                "reset",
+            ):
+                return
+        now = time.monotonic()
+        for encoded in waiting:
+            outcome = self._write_batch(stream, channel_id, encoded, now, limit)
+            if outcome != WRITTEN:
+                self._trouble(stream, outcome)
+                return
+
     # -- the sweep: heartbeats, stale and slow consumers, vanished peers ------------
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="herald-sse-sweep")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [*self._catch_ups, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._task = None
 
     async def _run(self) -> None:
         while True:
@@ -361,13 +639,15 @@ class StreamManager:
             self._next_prune = now + 10.0
             old = now - REVOKE_MEMORY_S
             self.revoked = {k: at for k, at in self.revoked.items() if at >= old}
+            self.joined = {
+                u: kept
+                for u, joins in self.joined.items()
+                if (kept := [j for j in joins if j[2] >= old])
+            }
         for s in list(self.streams.values()):
             if s.is_gone():
                 self.gone(s)
                 continue
-            if s.dedupe_until and now > s.dedupe_until:
-                s.dedupe_until = 0.0
-                s.replayed = None
             if s.close_reason is not None:
                 if now >= s.closing_deadline:
                     logger.info("SSE %s: dropping, close event not taken in time", s.id)
@@ -399,15 +679,14 @@ class StreamManager:
                 s.next_heartbeat += heartbeat_s
                 if s.next_heartbeat <= now:  # the loop was stalled: no burst to catch up
                     s.next_heartbeat = now + heartbeat_s
-        if beats:
-            self._sent["heartbeat"].inc(beats)
+        self.sent.inc("heartbeat", beats)
 
     def mark_stale(self, stream: Stream) -> None:
         logger.info(
             "SSE %s: stale (no write completed for %.1fs)", stream.id, self.settings.sse_stale_s
         )
         stream.stale = True
-        self.stale_detected_total += 1
+        self.stale_detected.inc()
         self.stale_active += 1
         self.close(stream, "stale")
 
@@ -449,17 +728,21 @@ class StreamManager:
         return {
             "active": len(self.streams),
             "peak": self.peak,
-            "opened_total": self.opened_total,
+            "opened_total": self.opened.total,
             "rejected_per_ip_total": self.rejected["per_ip"],
             "rejected_global_total": self.rejected["global"],
             "rejected_draining_total": self.rejected["draining"],
-            "stale_detected_total": self.stale_detected_total,
+            "stale_detected_total": self.stale_detected.total,
             "stale_active": self.stale_active,
-            "slow_consumer_total": self.slow_consumer_total,
+            "slow_consumer_total": self.slow_consumers.total,
             "new_per_s": round(self.rate.rate(time.monotonic()), 3),
-            "closed_total": dict(sorted(self.closed.items())),
-            "replayed_total": self.replayed_total,
-            "resets_total": self.resets_total,
+            "closed_total": self.closed.by_label(),
+            "replayed_total": self.replayed.total,
+            "resets_total": self.resets.total,
+            "subscribed_total": self.subscriptions["subscribed"],
+            "unsubscribed_total": self.subscriptions["unsubscribed"],
+            "watermark": self.feeds.watermark if self.feeds is not None else 0,
+            "feeds": len(self.feeds.feeds) if self.feeds is not None else 0,
             "draining": self.draining,
             "limits": {"per_ip": settings.sse_max_per_ip, "global": settings.sse_max_connections},
         }

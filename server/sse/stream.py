@@ -21,9 +21,15 @@ import termios
 import time
 from typing import Any
 
-from server.sse.frames import Frame
+from server.sse.frames import Frame, MessageFrames
+
+# What a feed writes at once to one channel's streams: (message id, its frames), in order.
+Batch = list[tuple[int, MessageFrames]]
 
 SETUP, LIVE, CLOSING = 0, 1, 2
+# What a stream follows: one channel (GET /channels/{id}/events), the channels asked
+# for (GET /events?channels=…), or the caller's memberships, kept current (GET /events).
+ONE, CHOSEN, MEMBERSHIP = 0, 1, 2
 STATE_NAMES = {SETUP: "setup", LIVE: "live", CLOSING: "closing"}
 
 # Outcomes of Stream.send.
@@ -53,12 +59,13 @@ class Stream:
         "buffer",
         "buffered_bytes",
         "bytes_direct",
+        "catching_up",
         "channel_id",
+        "channels",
         "chunked",
         "close_reason",
         "closing_deadline",
         "connected_at",
-        "dedupe_until",
         "delivered",
         "dirty",
         "done",
@@ -66,10 +73,11 @@ class Stream:
         "fd",
         "id",
         "ip",
+        "kind",
         "last_write_at",
         "next_heartbeat",
+        "positions",
         "reconnect_after_ms",
-        "replayed",
         "sent_id",
         "stale",
         "state",
@@ -81,14 +89,18 @@ class Stream:
     def __init__(
         self,
         *,
-        channel_id: int,
+        channels: set[int],
         user_id: int,
         ip: str,
         transport: asyncio.Transport | None,
+        kind: int = ONE,
         now: float | None = None,
     ) -> None:
         self.id = secrets.token_hex(8)
-        self.channel_id = channel_id
+        self.kind = kind
+        self.channels = channels
+        # The one channel of a per-channel stream (0 for the others).
+        self.channel_id = next(iter(channels)) if kind == ONE else 0
         self.user_id = user_id
         self.ip = ip
         self.transport = transport
@@ -111,32 +123,42 @@ class Stream:
         self.delivered = 0
         self.dirty = False
         self.events_sent = 0
-        # Live events that arrive during SETUP: (message id, frame), written by go_live.
-        self.buffer: list[tuple[int, Frame]] | None = []
+        # What the feeds write during SETUP, per channel, for go_live (which skips what
+        # the replay already sent).
+        self.buffer: list[tuple[int, Batch]] | None = []
         self.buffered_bytes = 0
-        # After a replay: live events with an id <= sent_id or in ``replayed`` are
-        # skipped until dedupe_until (monotonic; 0 = off). A message is published after
-        # its commit, so its bus event can arrive after the replay already sent it.
+        # Per-channel stream: the last message id it has (written, or the client's).
         self.sent_id = 0
-        self.replayed: set[int] | None = None
-        self.dedupe_until = 0.0
+        # Multi-channel stream: channel -> last id it has, for channels whose position
+        # is not the process's watermark (see cursor.py); pruned as the watermark passes.
+        self.positions: dict[int, int] | None = None if kind == ONE else {}
+        # Channels added while live, still being replayed: what the feed writes for them
+        # meanwhile waits here.
+        self.catching_up: dict[int, list[Batch]] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def send(self, frame: Frame, now: float, limit: int) -> int:
         """Write one frame now: WRITTEN, GONE (the peer left) or FULL (more than
         ``limit`` bytes would wait in our buffer: a slow consumer)."""
+        return self.send_bytes(frame.chunked if self.chunked else frame.raw, now, limit)
+
+    def send_bytes(self, data: bytes, now: float, limit: int, events: int = 1) -> int:
+        """Write bytes already framed for this stream (chunked or raw) now."""
         t = self.transport
         if t is None or t.is_closing():
             return GONE
-        data = frame.chunked if self.chunked else frame.raw
         if t.get_write_buffer_size() + len(data) > limit:
             return FULL
         if not self.dirty:
             self.start_clock(now)
         t.write(data)
         self.bytes_direct += len(data)
-        self.events_sent += 1
+        self.events_sent += events
         return WRITTEN
+
+    def frame_bytes(self, raw: bytes) -> bytes:
+        """``raw`` SSE bytes as this stream sends them (one chunk, or as is on HTTP/1.0)."""
+        return b"%x\r\n%b\r\n" % (len(raw), raw) if self.chunked else raw
 
     def start_clock(self, now: float) -> None:
         """Called before the first write since the peer was last seen caught up: all
@@ -144,11 +166,6 @@ class Stream:
         self.dirty = True
         self.last_write_at = now
         self.delivered = self.written_total()
-
-    def already_sent(self, message_id: int) -> bool:
-        return message_id <= self.sent_id or (
-            self.replayed is not None and message_id in self.replayed
-        )
 
     def force_write(self, frame: Frame) -> bool:
         """Write regardless of the buffer bound (the small ``close`` frame)."""
@@ -192,7 +209,8 @@ class Stream:
         return {
             "id": self.id,
             "ip": self.ip,
-            "channel_id": self.channel_id,
+            "channel_id": self.channel_id if self.kind == ONE else None,
+            "channels": sorted(self.channels),
             "user_id": self.user_id,
             "connected_at": _iso(self.connected_at),
             "last_write_at": _iso(last_write_wall),

@@ -179,6 +179,24 @@ class ChannelService:
             raise NotFound("channel not found", code="channel_not_found")
         return channel
 
+    async def visible_ids(self, user: User, channel_ids: list[int]) -> set[int]:
+        """Which of these channels the user may see (one statement)."""
+        rows = await self.db.fetch(
+            "SELECT c.id FROM channels c WHERE c.id = ANY(%s::bigint[])"
+            " AND (NOT c.is_private OR %s OR EXISTS (SELECT 1 FROM channel_members m"
+            "   WHERE m.channel_id = c.id AND m.user_id = %s))",
+            (channel_ids, user.is_admin, user.id),
+        )
+        return {int(r["id"]) for r in rows}
+
+    async def member_ids(self, user: User) -> list[int]:
+        """The channels the user is a member of, by id."""
+        rows = await self.db.fetch(
+            "SELECT channel_id FROM channel_members WHERE user_id = %s ORDER BY channel_id",
+            (user.id,),
+        )
+        return [int(r["channel_id"]) for r in rows]
+
     async def update(
         self, user: User, channel_id: int, *, name: str | None, topic: str | None
     ) -> dict[str, Any]:
@@ -219,17 +237,20 @@ class ChannelService:
             if exists is None:
                 raise NotFound("user not found", code="user_not_found")
             try:
-                await tx.execute(
+                joined = await tx.fetchrow(
                     "INSERT INTO channel_members (channel_id, user_id, last_read_message_id)"
                     " VALUES (%s, %s,"
                     "   COALESCE((SELECT max(id) FROM messages WHERE channel_id = %s), 0))"
-                    " ON CONFLICT DO NOTHING",
+                    " ON CONFLICT DO NOTHING RETURNING last_read_message_id",
                     (channel_id, member_id, channel_id),
                 )
             except psycopg2.errors.ForeignKeyViolation:
                 # A concurrent DELETE of the channel committed after our check.
                 raise NotFound("channel not found", code="channel_not_found") from None
         await self._invalidate(channel_id)
+        if joined is not None:
+            # Streams that follow the user's memberships add the channel from here on.
+            await self.bus.member_added(channel_id, member_id, joined["last_read_message_id"])
 
     async def remove_member(self, user: User, channel_id: int, member_id: int) -> None:
         """Creator or admin removes anyone; a member may leave. Open streams are revoked."""

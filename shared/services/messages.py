@@ -1,8 +1,10 @@
-"""Messages: posting (stored, then published) and paging."""
+"""Messages: posting (stored, then published), paging, and the reads live delivery
+needs (heads under the posting locks, fills and replays across channels)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2.errors
@@ -10,16 +12,38 @@ import psycopg2.errors
 from shared.bus import EventBus
 from shared.db.pool import Database, Row, Tx
 from shared.errors import NotFound
-from shared.models import User, message_json
+from shared.models import MessageJson, User, message_json
 from shared.services.channels import visible_channel
 
 MESSAGE_COLUMNS = "m.id, m.channel_id, m.author_id, u.name AS author_name, m.body, m.created_at"
+FEED_COLUMNS = MESSAGE_COLUMNS + ", m.prev_id"
 MAX_BODY_CHARS = 10_000
 # Two-key advisory lock namespace for "posting into channel N" (see insert_message).
 POST_LOCK_NS = 0x4D53  # "MS"
 
 
-async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A stored message and the id of the channel's message before it (0: none; None:
+    unknown, for rows older than the column)."""
+
+    message: MessageJson
+    prev_id: int | None
+
+    @property
+    def id(self) -> int:
+        return self.message["id"]
+
+    @property
+    def channel_id(self) -> int:
+        return self.message["channel_id"]
+
+
+def posted(row: Row) -> Posted:
+    return Posted(message_json(row), row["prev_id"])
+
+
+async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> Posted:
     """Store a message in the caller's transaction (also used by delayed delivery)."""
     # Posts into one channel are serialised until COMMIT, so ids commit in id order. Without
     # it, a client replaying "everything after id N" between two concurrent commits could
@@ -29,10 +53,13 @@ async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> 
     )
     try:
         row = await tx.fetchrow(
-            "WITH m AS (INSERT INTO messages (channel_id, author_id, body) VALUES (%s, %s, %s)"
+            # prev_id is read under the lock, so it is the channel's newest committed id.
+            "WITH m AS (INSERT INTO messages (channel_id, author_id, body, prev_id)"
+            "  VALUES (%s, %s, %s,"
+            "   (SELECT COALESCE(max(id), 0) FROM messages WHERE channel_id = %s))"
             "  RETURNING *)"
-            f" SELECT {MESSAGE_COLUMNS} FROM m JOIN users u ON u.id = m.author_id",
-            (channel_id, author_id, body),
+            f" SELECT {FEED_COLUMNS} FROM m JOIN users u ON u.id = m.author_id",
+            (channel_id, author_id, body, channel_id),
         )
     except psycopg2.errors.ForeignKeyViolation:
         # The channel was deleted after the caller saw it (a concurrent DELETE committed
@@ -45,10 +72,10 @@ async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> 
         " WHERE channel_id = %s AND user_id = %s AND last_read_message_id < %s",
         (row["id"], channel_id, author_id, row["id"]),
     )
-    return message_json(row)
+    return posted(row)
 
 
-async def insert_messages(tx: Tx, items: Sequence[tuple[int, int, str]]) -> list[dict[str, Any]]:
+async def insert_messages(tx: Tx, items: Sequence[tuple[int, int, str]]) -> list[Posted]:
     """Store many ``(channel_id, author_id, body)`` messages in one statement, ids in the
     order given (delayed delivery's batches); returns them in that order."""
     if not items:
@@ -70,6 +97,25 @@ async def insert_messages(tx: Tx, items: Sequence[tuple[int, int, str]]) -> list
     # Ids are drawn as the sorted rows are inserted; check rather than trust the mapping.
     if [(r["channel_id"], r["author_id"], r["body"]) for r in rows] != list(items):
         raise RuntimeError("batch insert returned rows out of order")
+    # Each message's predecessor in its channel, read under the locks held above: the
+    # channel's newest before the batch, then the batch's own ids in order.
+    prev: dict[int, int] = {}
+    channels = sorted({r["channel_id"] for r in rows})
+    before = await tx.fetch(
+        "SELECT t.c, COALESCE((SELECT max(m.id) FROM messages m"
+        "  WHERE m.channel_id = t.c AND m.id < %s), 0) AS prev"
+        " FROM unnest(%s::bigint[]) AS t(c)",
+        (rows[0]["id"], channels),
+    )
+    last = {r["c"]: r["prev"] for r in before}
+    for r in rows:
+        r["prev_id"] = prev[r["id"]] = last[r["channel_id"]]
+        last[r["channel_id"]] = r["id"]
+    await tx.execute(
+        "UPDATE messages m SET prev_id = t.p FROM unnest(%s::bigint[], %s::bigint[]) AS t(i, p)"
+        " WHERE m.id = t.i",
+        (list(prev), list(prev.values())),
+    )
     newest: dict[tuple[int, int], int] = {}
     for r in rows:
         newest[(r["channel_id"], r["author_id"])] = r["id"]
@@ -79,7 +125,7 @@ async def insert_messages(tx: Tx, items: Sequence[tuple[int, int, str]]) -> list
         " WHERE cm.channel_id = t.c AND cm.user_id = t.a AND cm.last_read_message_id < t.mid",
         ([c for c, _ in newest], [a for _, a in newest], list(newest.values())),
     )
-    return [message_json(r) for r in rows]
+    return [posted(r) for r in rows]
 
 
 class MessageService:
@@ -87,13 +133,13 @@ class MessageService:
         self.db = db
         self.bus = bus
 
-    async def post(self, user: User, channel_id: int, body: str) -> dict[str, Any]:
+    async def post(self, user: User, channel_id: int, body: str) -> MessageJson:
         """Store the message, commit, then publish it to every server process."""
         async with self.db.transaction() as tx:
             await visible_channel(tx, user, channel_id)
-            message = await insert_message(tx, channel_id, user.id, body)
-        await self.bus.message_posted(message)
-        return message
+            stored = await insert_message(tx, channel_id, user.id, body)
+        await self.bus.message_posted(stored.message, stored.prev_id)
+        return stored.message
 
     async def page(
         self,
@@ -103,7 +149,7 @@ class MessageService:
         before: int | None,
         after: int | None,
         limit: int,
-    ) -> list[dict[str, Any]]:
+    ) -> list[MessageJson]:
         """Messages in id order. With ``after``: the oldest after it; otherwise the newest
         (before ``before`` if given). Reading marks the channel read up to the newest seen."""
         async with self.db.connection() as tx:
@@ -131,7 +177,7 @@ class MessageService:
                 )
         return [message_json(r) for r in rows]
 
-    async def since(self, channel_id: int, after_id: int, limit: int) -> list[dict[str, Any]]:
+    async def since(self, channel_id: int, after_id: int, limit: int) -> list[MessageJson]:
         """Up to ``limit`` messages with id > ``after_id``, oldest first (SSE replay)."""
         rows = await self.db.fetch(
             f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.author_id"
@@ -155,3 +201,88 @@ class MessageService:
             "SELECT COALESCE(max(id), 0) FROM messages WHERE channel_id = %s", (channel_id,)
         )
         return int(value)
+
+    # -- what live delivery reads (server/sse/feeds.py, server/sse/replay.py) ----------
+
+    async def heads(self, channel_ids: Sequence[int]) -> tuple[int, dict[int, int]]:
+        """A watermark W and each channel's newest message id, such that every message
+        of these channels with id <= W is committed and among what the heads cover, and
+        every later one will have an id > W.
+
+        The channels' posting locks are taken in shared mode first (sorted, as posters
+        take them, so nobody deadlocks): that waits for the posts in flight, and a post
+        after it draws its id after the sequence value read here."""
+        ids = sorted(set(channel_ids))
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock_shared(%s, (c %% 2147483647)::int)"
+                " FROM (SELECT c FROM unnest(%s::bigint[]) AS c ORDER BY c) AS s",
+                (POST_LOCK_NS, ids),
+            )
+            seq = await tx.fetchrow("SELECT last_value, is_called FROM messages_id_seq")
+            rows = await tx.fetch(
+                "SELECT t.c, COALESCE((SELECT max(m.id) FROM messages m"
+                "  WHERE m.channel_id = t.c), 0) AS head FROM unnest(%s::bigint[]) AS t(c)",
+                (ids,),
+            )
+        assert seq is not None
+        watermark = int(seq["last_value"]) - (0 if seq["is_called"] else 1)
+        return watermark, {int(r["c"]): int(r["head"]) for r in rows}
+
+    async def fill(self, after: Mapping[int, int], per_channel: int) -> list[Posted]:
+        """For each channel, up to ``per_channel`` messages with id > its value, oldest
+        first; all of them in id order (which keeps each channel's order)."""
+        if not after:
+            return []
+        rows = await self.db.fetch(
+            "SELECT x.* FROM unnest(%s::bigint[], %s::bigint[]) AS t(c, a)"
+            " CROSS JOIN LATERAL ("
+            f"  SELECT {FEED_COLUMNS} FROM messages m JOIN users u ON u.id = m.author_id"
+            "   WHERE m.channel_id = t.c AND m.id > t.a ORDER BY m.id LIMIT %s) AS x"
+            " ORDER BY x.id",
+            (list(after), list(after.values()), per_channel),
+        )
+        return [posted(r) for r in rows]
+
+    async def count_between(
+        self, ranges: Mapping[int, tuple[int, int]], cap: int
+    ) -> dict[int, int]:
+        """For each channel ``c: (after, upto)``, how many messages have after < id <=
+        upto, counting no further than ``cap`` (index-only, at most ``cap`` entries each)."""
+        if not ranges:
+            return {}
+        rows = await self.db.fetch(
+            "SELECT t.c, (SELECT count(*) FROM (SELECT 1 FROM messages m"
+            "   WHERE m.channel_id = t.c AND m.id > t.a AND m.id <= t.u LIMIT %s) AS x) AS n"
+            " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS t(c, a, u)",
+            (
+                cap,
+                list(ranges),
+                [a for a, _ in ranges.values()],
+                [u for _, u in ranges.values()],
+            ),
+        )
+        return {int(r["c"]): int(r["n"]) for r in rows}
+
+    async def between(
+        self, ranges: Mapping[int, tuple[int, int]], after_id: int, limit: int
+    ) -> list[MessageJson]:
+        """A page of the messages in every channel's ``(after, upto]`` with id >
+        ``after_id``, in id order (replay of several channels, page by page)."""
+        if not ranges:
+            return []
+        rows = await self.db.fetch(
+            f"SELECT {MESSAGE_COLUMNS}"
+            " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS t(c, a, u)"
+            " JOIN messages m ON m.channel_id = t.c AND m.id > t.a AND m.id <= t.u"
+            " JOIN users u ON u.id = m.author_id"
+            " WHERE m.id > %s ORDER BY m.id LIMIT %s",
+            (
+                list(ranges),
+                [a for a, _ in ranges.values()],
+                [u for _, u in ranges.values()],
+                after_id,
+                limit,
+            ),
+        )
+        return [message_json(r) for r in rows]

@@ -209,6 +209,7 @@ def test_hub_dispatch_survives_bad_events_and_bad_listeners(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from server.sse.hub import Hub
+    from shared.bus import ChannelDeleted
     from shared.metrics import Metrics
 
     hub = Hub(redis=None, channel="unused", metrics=Metrics())  # type: ignore[arg-type]
@@ -219,8 +220,9 @@ def test_hub_dispatch_survives_bad_events_and_bad_listeners(
 
     hub.add_listener(broken)
     hub.add_listener(got.append)
-    for data in (b"{not json", None, b"[1, 2]", b'"text"', b'{"type": "message"}'):
+    good = b'{"type": "channel_deleted", "channel_id": 3}'
+    for data in (b"{not json", None, b"[1, 2]", b'"text"', b'{"type": "message"}', good):
         hub.dispatch(data)
-    assert got == [{"type": "message"}]  # the second listener still ran
+    assert got == [ChannelDeleted(3)]  # decoded once; the second listener still ran
     assert "ignoring malformed bus event" in caplog.text
     assert "bus listener failed" in caplog.text

@@ -190,6 +190,9 @@ async def test_bad_path_ids(
 ) -> None:
     for method, path in ID_ROUTES:
         for bad in BAD_IDS:
+            if bad == "%2e%2e" and path == "/channels/{id}/events":
+                # The client resolves /channels/../events to /events: a real stream.
+                continue
             url = API + path.replace("{cid}", str(ids["cid"])).replace("{id}", bad)
             resp = await client.request(method, url, json={}, headers=alice.headers)
             assert resp.status in (404, 422), (url, resp.status, await resp.text())

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from server.keys import CHANNELS, HUB, STREAMS
+from shared.bus import MemberRemoved
 from tests.server.test_sse_stream import make_channel
 
 
@@ -34,7 +35,7 @@ async def test_review_revoke_during_the_visibility_check_is_not_missed(client, a
         return channel
 
     revoked = asyncio.Event()
-    client.app[HUB].add_listener(lambda e: revoked.set() if e.get("type") == "revoke" else None)
+    client.app[HUB].add_listener(lambda e: revoked.set() if isinstance(e, MemberRemoved) else None)
     service.get = paused_get  # type: ignore[method-assign]
     stream_req = asyncio.create_task(
         client.get(f"/api/v1/channels/{channel_id}/events", headers=bob.headers)

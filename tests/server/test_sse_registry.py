@@ -81,8 +81,14 @@ async def test_error_after_headers_drops_connection_and_leaves(settings):
         async def broken_since(*args, **kwargs):
             raise RuntimeError("database fell over mid-replay")
 
+        await messages.db.execute(
+            "INSERT INTO messages (channel_id, author_id, body, prev_id) VALUES (%s, %s, 'x', 0)",
+            (channel_id, user.id),
+        )
         messages.since = broken_since  # type: ignore[method-assign]
         messages.count_since = broken_since  # type: ignore[method-assign]
+        messages.count_between = broken_since  # type: ignore[method-assign]
+        messages.between = broken_since  # type: ignore[method-assign]
         async with aiohttp.ClientSession() as session:
             headers = {**auth(token), "Last-Event-ID": "0"}
             async with session.get(live.events_url(channel_id), headers=headers) as resp:

@@ -298,14 +298,14 @@ async def test_replay_reads_in_pages_with_no_gap_or_duplicate(client, alice, db,
     first = await db.fetchval("SELECT min(id) FROM messages WHERE channel_id = %s", (channel_id,))
     messages = client.app[MESSAGES]
     calls: list[int] = []
-    real_since = messages.since
+    real_between = messages.between
 
-    async def counting_since(channel, after, limit):
-        rows = await real_since(channel, after, limit)
+    async def counting_between(spans, after, limit):
+        rows = await real_between(spans, after, limit)
         calls.append(len(rows))
         return rows
 
-    monkeypatch.setattr(messages, "since", counting_since)
+    monkeypatch.setattr(messages, "between", counting_between)
     resp = await client.get(
         f"/api/v1/channels/{channel_id}/events",
         headers={**alice.headers, "Last-Event-ID": str(first + 2)},

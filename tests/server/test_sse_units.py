@@ -14,8 +14,10 @@ from server.sse import frames
 from server.sse.manager import RECONNECT_MS, RateWindow, StreamManager, tick_interval
 from server.sse.replay import last_event_id
 from server.sse.stream import LIVE, SETUP
+from shared.bus import decode_event
 from shared.errors import RetryLater, ValidationError
 from shared.metrics import Metrics
+from shared.services.messages import Posted
 from shared.settings import Settings
 
 
@@ -71,6 +73,12 @@ def open_live(manager, channel_id=1, user_id=1, ip="10.0.0.1"):
 
 def msg(i: int, channel_id: int = 1) -> dict:
     return {"id": i, "channel_id": channel_id, "author": {"id": 1, "name": "a"}, "body": f"m{i}"}
+
+
+def emit(manager, *messages: dict) -> None:
+    """What a feed does with in-order messages (feeds.py is tested on its own)."""
+    for m in messages:
+        manager.emit(m["channel_id"], [Posted(m, m["id"] - 1)])
 
 
 # -- frames ---------------------------------------------------------------------------
@@ -226,18 +234,20 @@ async def test_fanout_encodes_once_and_skips_other_channels():
     s1, t1 = open_live(manager, channel_id=1)
     s2, t2 = open_live(manager, channel_id=1, ip="10.0.0.2")
     _, t3 = open_live(manager, channel_id=2)
-    manager.on_event({"type": "message", "channel_id": 1, "message": msg(9)})
+    emit(manager, msg(9))
     assert t1.data == t2.data and t1.frames()[0].startswith("event: message\nid: 9\n")
     assert t3.data == b""
     assert s1.events_sent == s2.events_sent == 1
-    # Malformed bus events are ignored.
+    # Malformed bus events are not events at all: the hub's decoder drops them.
     for bad in (
         {"type": "message", "channel_id": "1"},
         {"type": "message", "channel_id": 1},
         {"type": "message", "channel_id": 1, "message": {"id": "x"}},
+        {"type": "message", "channel_id": 1, "message": {"id": 3, "channel_id": 2}},
         {"channel_id": 1},
+        b"not json",
     ):
-        manager.on_event(bad)
+        assert decode_event(bad) is None
     assert len(t1.frames()) == 1
 
 
@@ -246,31 +256,23 @@ async def test_setup_buffers_then_go_live_skips_replayed_and_older():
     transport = FakeTransport()
     stream = manager.open(channel_id=1, user_id=1, ip="10.0.0.1", transport=transport)
     assert stream.state == SETUP
-    for i in (4, 5, 6, 7):
-        manager.on_event({"type": "message", "channel_id": 1, "message": msg(i)})
+    emit(manager, msg(4), msg(5), msg(6), msg(7))
     assert transport.data == b""  # nothing written during SETUP
-    stream.sent_id = 4  # the client's Last-Event-ID
-    stream.replayed = {5, 6}  # sent by the replay
+    stream.sent_id = 6  # the replay sent up to 6 (the feed's order makes one id enough)
     manager.go_live(stream)
     assert stream.state == LIVE
-    manager.on_event({"type": "message", "channel_id": 1, "message": msg(8)})
-    # A bus event that arrives after the replay sent its message (publish follows the
-    # commit, so it can) is still skipped; a new one is not.
-    manager.on_event({"type": "message", "channel_id": 1, "message": msg(6)})
-    manager.on_event({"type": "message", "channel_id": 1, "message": msg(3)})
+    emit(manager, msg(8))
     ids = [json.loads(f.split("data: ")[1])["id"] for f in transport.frames()]
     assert ids == [7, 8]
-    manager.sweep(stream.dedupe_until + 0.01)
-    assert stream.replayed is None and stream.dedupe_until == 0
 
 
 async def test_setup_buffer_is_bounded():
     manager = make_manager(sse_buffer_bytes=2048)
     stream = manager.open(channel_id=1, user_id=1, ip="10.0.0.1", transport=FakeTransport())
     big = {**msg(1), "body": "x" * 1500}
-    manager.on_event({"type": "message", "channel_id": 1, "message": big})
+    emit(manager, big)
     assert stream.close_reason is None
-    manager.on_event({"type": "message", "channel_id": 1, "message": {**big, "id": 2}})
+    emit(manager, {**big, "id": 2})
     assert stream.close_reason == "slow_consumer" and manager.slow_consumer_total == 1
 
 
@@ -279,12 +281,12 @@ async def test_revoke_closes_only_that_users_streams_on_that_channel():
     target, t1 = open_live(manager, channel_id=1, user_id=7)
     same_user_other_channel, t2 = open_live(manager, channel_id=2, user_id=7)
     other_user, t3 = open_live(manager, channel_id=1, user_id=8)
-    manager.on_event({"type": "revoke", "channel_id": 1, "user_id": 7})
+    manager.on_event(decode_event({"type": "revoke", "channel_id": 1, "user_id": 7}))
     assert target.close_reason == "revoked" and target.done.done()
     assert "event: close" in t1.frames()[-1] and '"reason":"revoked"' in t1.frames()[-1]
     assert same_user_other_channel.close_reason is None and other_user.close_reason is None
     assert t2.data == t3.data == b""
-    manager.on_event({"type": "channel_deleted", "channel_id": 2})
+    manager.on_event(decode_event({"type": "channel_deleted", "channel_id": 2}))
     assert same_user_other_channel.close_reason == "revoked"
 
 
@@ -342,11 +344,11 @@ async def test_slow_consumer_on_write_and_on_sweep():
     manager = make_manager(sse_buffer_bytes=1024)
     stream, transport = open_live(manager)
     transport.backlog = 1000
-    manager.on_event({"type": "message", "channel_id": 1, "message": msg(1)})
+    emit(manager, msg(1))
     assert stream.close_reason == "slow_consumer"
     assert '"reason":"slow_consumer"' in transport.frames()[-1]
     other, t2 = open_live(manager, ip="10.0.0.9")
-    manager.on_event({"type": "message", "channel_id": 1, "message": msg(2)})
+    emit(manager, msg(2))
     t2.backlog = 5000  # the kernel and our buffer hold more than the bound
     manager.sweep(other.next_heartbeat - 1)
     assert other.close_reason == "slow_consumer" and manager.slow_consumer_total == 2

@@ -18,7 +18,7 @@ async def test_ids_follow_the_given_order_and_read_markers_move(db):
     await _seed(db)
     items = [(1, 1, "first"), (1, 2, "second"), (1, 1, "third"), (2, 1, "other ' ; --")]
     async with db.transaction() as tx:
-        posted = await insert_messages(tx, items)
+        posted = [p.message for p in await insert_messages(tx, items)]
     assert [(m["channel_id"], m["author"]["id"], m["body"]) for m in posted] == items
     ids = [m["id"] for m in posted]
     assert ids == sorted(ids)

@@ -23,7 +23,7 @@ from shared.errors import NotFound
 from shared.metrics import Metrics
 from shared.models import User
 from shared.services.channels import visible_channel
-from shared.services.messages import insert_messages
+from shared.services.messages import Posted, insert_messages
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -117,17 +117,17 @@ class DeliveryService:
         while time.monotonic() < deadline:
             batch, messages, taken = await self._deliver_batch()
             # Publish only after the commit: subscribers never see a rolled-back message.
-            for message in messages:
-                await self.bus.message_posted(message)
+            for stored in messages:
+                await self.bus.message_posted(stored.message, stored.prev_id)
             report.add(batch)
             # Fewer rows than asked: the rest (if any) are locked by someone delivering them.
             if taken < self.batch_size:
                 break
         return report
 
-    async def _deliver_batch(self) -> tuple[DeliveryReport, list[dict[str, Any]], int]:
+    async def _deliver_batch(self) -> tuple[DeliveryReport, list[Posted], int]:
         report = DeliveryReport()
-        messages: list[dict[str, Any]] = []
+        messages: list[Posted] = []
         delivered: list[tuple[int, int]] = []
         failed: list[tuple[int, str]] = []
         async with self.db.transaction() as tx:
@@ -154,9 +154,9 @@ class DeliveryService:
             posted = await insert_messages(
                 tx, [(r["channel_id"], r["author_id"], r["body"]) for r in to_post]
             )
-            for row, message in zip(to_post, posted, strict=True):
-                delivered.append((row["id"], message["id"]))
-                messages.append(message)
+            for row, stored in zip(to_post, posted, strict=True):
+                delivered.append((row["id"], stored.id))
+                messages.append(stored)
             if delivered:
                 await tx.execute(
                     "UPDATE delayed_messages d SET status = 'delivered', message_id = u.mid,"
