@@ -48,9 +48,10 @@ import redis.asyncio as aioredis  # noqa: E402
 from shared.db.migrate import migrate  # noqa: E402
 from shared.db.pool import Database, create_pool  # noqa: E402
 from shared.metrics import Metrics  # noqa: E402
-from shared.services.attachments.orphans import OrphanScanner  # noqa: E402
 from shared.services.attachments.storage import new_key  # noqa: E402
+from shared.services.audit import AuditTrail  # noqa: E402
 from shared.services.users import UserService  # noqa: E402
+from shared.services.wiring import attachment_files  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from tests.scratchdb import admin_exec  # noqa: E402
 
@@ -223,7 +224,10 @@ def scan_child(url: str, root: str) -> None:
         try:
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             start = time.perf_counter()
-            summary = await OrphanScanner(db=db, settings=settings, metrics=Metrics()).scan()
+            files = attachment_files(
+                db=db, settings=settings, metrics=Metrics(), audit=AuditTrail(db=db)
+            )
+            summary = await files.orphans.scan()
             elapsed = time.perf_counter() - start
         finally:
             await db.close()

@@ -40,20 +40,12 @@ from server.sse.feeds import Feeds
 from server.sse.hub import Hub
 from server.sse.manager import StreamManager
 from shared.bus import EventBus, arq_pool, redis_client
-from shared.cache import MetadataCache
 from shared.constants import events_channel
 from shared.db.monitor import QueryMonitor, query_scope
 from shared.db.pool import Database, create_pool
 from shared.metrics import Metrics
-from shared.services.attachments.service import AttachmentService
-from shared.services.audit import AuditTrail
-from shared.services.channels import ChannelService
-from shared.services.delayed.queue_stats import QueueStats
-from shared.services.delayed.scheduling import DelayedMessageService
-from shared.services.jobs import JobService
 from shared.services.keys import CURSOR_KEY, load_key
-from shared.services.messages import MessageService
-from shared.services.users import UserService
+from shared.services.wiring import build_services
 from shared.settings import Settings
 
 # JSON bodies are small; attachments stream through the multipart reader instead.
@@ -86,22 +78,23 @@ async def arq_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-    db, bus = app[DB], app[BUS]
-    cache = MetadataCache(redis=app[REDIS], settings=app[SETTINGS], metrics=app[METRICS])
-    app[CACHE] = cache
-    app[USERS] = UserService(db=db, cache=cache)
-    app[CHANNELS] = ChannelService(db=db, bus=bus, cache=cache)
-    app[MESSAGES] = MessageService(db=db, bus=bus)
-    stats = QueueStats(db=db, redis=app[REDIS], settings=app[SETTINGS], metrics=app[METRICS])
-    app[QUEUE_STATS] = stats
-    app[DELAYED] = DelayedMessageService(
-        db=db, arq=app[ARQ], settings=app[SETTINGS], metrics=app[METRICS], stats=stats
+    services = build_services(
+        settings=app[SETTINGS],
+        db=app[DB],
+        redis=app[REDIS],
+        arq=app[ARQ],
+        bus=app[BUS],
+        metrics=app[METRICS],
     )
-    app[JOBS] = JobService(arq=app[ARQ])
-    app[ATTACHMENTS] = AttachmentService(
-        db=db, settings=app[SETTINGS], metrics=app[METRICS], arq=app[ARQ]
-    )
-    app[AUDIT] = AuditTrail(db=db)
+    app[CACHE] = services.cache
+    app[USERS] = services.users
+    app[CHANNELS] = services.channels
+    app[MESSAGES] = services.messages
+    app[QUEUE_STATS] = services.queue_stats
+    app[DELAYED] = services.delayed
+    app[JOBS] = services.jobs
+    app[ATTACHMENTS] = services.attachments
+    app[AUDIT] = services.audit
     yield
 
 

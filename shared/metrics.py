@@ -248,5 +248,12 @@ class Metrics:
         self.queue_figures = SharedFigures(QUEUE_FIGURES)
         r.register(self.queue_figures)
 
+    @classmethod
+    def null(cls) -> Metrics:
+        """Metrics nothing exports, for tests and callers with nowhere to report. Real
+        collectors on a registry of their own rather than no-op stand-ins: every call a
+        service makes is accepted, and no second class has to mirror the attributes."""
+        return cls(CollectorRegistry())
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,7 +45,8 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
     """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc."""
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        ctx[CTX_KEY] = await open_context(settings)
+        # arq put its own pool in ctx["redis"]: the services enqueue through that one.
+        ctx[CTX_KEY] = await open_context(settings, arq=ctx["redis"])
         logger.info("worker started")
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:

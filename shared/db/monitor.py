@@ -151,7 +151,7 @@ class QueryMonitor:
         self,
         *,
         slow_ms: float,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         window_s: float = WINDOW_S,
         min_statements: int = MIN_STATEMENTS,
         slow_share: float = SLOW_SHARE,
@@ -198,12 +198,11 @@ class QueryMonitor:
             stats.slow += 1
             self.slow_total += 1
             self._log_slow(stats, ms, now)
-        if self.metrics is not None:
-            self.metrics.db_query_seconds.labels(stats.id).observe(seconds)
-            if failed:
-                self.metrics.db_query_errors.labels(stats.id).inc()
-            if is_slow:
-                self.metrics.db_slow_queries.labels(stats.id).inc()
+        self.metrics.db_query_seconds.labels(stats.id).observe(seconds)
+        if failed:
+            self.metrics.db_query_errors.labels(stats.id).inc()
+        if is_slow:
+            self.metrics.db_slow_queries.labels(stats.id).inc()
         self._window.append((now, ms, is_slow))
         self._window_slow += is_slow
         self._prune(now)
@@ -222,8 +221,7 @@ class QueryMonitor:
             if stats is None:
                 stats = StatementStats(id=statement_id(text), text=text)
                 self.statements[text] = stats
-                if self.metrics is not None:
-                    self.metrics.db_statement_info.labels(stats.id, text[:200]).set(1)
+                self.metrics.db_statement_info.labels(stats.id, text[:200]).set(1)
         # Raw strings are remembered only up to a bound: SQL built with literals in it
         # would otherwise grow this map without end (it is then normalised every time).
         if len(self._by_raw) < RAW_CACHE_MAX:
@@ -258,8 +256,7 @@ class QueryMonitor:
         if degraded == self.degraded:
             return
         self.degraded = degraded
-        if self.metrics is not None:
-            self.metrics.db_degraded.set(1 if degraded else 0)
+        self.metrics.db_degraded.set(1 if degraded else 0)
         if degraded:
             logger.error(
                 "ALERT database degraded: %d of the last %d statements (%.0f%%) took longer"
@@ -280,8 +277,7 @@ class QueryMonitor:
         """Account a finished request's statements (N+1 regressions show up here)."""
         self.requests_total += 1
         self.request_statements_total += scope.statements
-        if self.metrics is not None:
-            self.metrics.db_statements_per_request.labels(route).observe(scope.statements)
+        self.metrics.db_statements_per_request.labels(route).observe(scope.statements)
 
     # -- reading -----------------------------------------------------------------------
     def refresh(self) -> None:

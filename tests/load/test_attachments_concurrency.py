@@ -10,8 +10,8 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 
 from shared.metrics import Metrics
-from shared.services.attachments.orphans import OrphanScanner
 from shared.services.audit import AuditTrail
+from shared.services.wiring import attachment_files
 from tests.attachment_helpers import API, audit_rows, files_on_disk, make_channel, upload
 
 
@@ -65,7 +65,12 @@ async def test_mixed_operations_keep_disk_and_database_in_agreement(
     assert len(ops) == 100
     rng.shuffle(ops)
 
-    scanner = OrphanScanner(db=db, settings=replace(settings, orphan_grace_s=0), metrics=Metrics())
+    scanner = attachment_files(
+        db=db,
+        settings=replace(settings, orphan_grace_s=0),
+        metrics=Metrics(),
+        audit=AuditTrail(db=db),
+    ).orphans
 
     finished = asyncio.Event()
     scan_runs: list[dict] = []

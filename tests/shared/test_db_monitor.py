@@ -155,7 +155,7 @@ async def test_slow_query_counted_and_logged_once_with_duration(
 
 def test_folded_slow_lines_reported_after_interval(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
-    mon = QueryMonitor(slow_ms=10, clock=clock, min_statements=10_000)
+    mon = QueryMonitor(slow_ms=10, clock=clock, min_statements=10_000, metrics=Metrics.null())
     caplog.set_level(logging.WARNING, logger="shared.db.monitor")
     for _ in range(3):
         mon.record("SELECT slow()", 0.02)
@@ -168,7 +168,7 @@ def test_folded_slow_lines_reported_after_interval(caplog: pytest.LogCaptureFixt
 
 
 def test_threshold_is_strictly_greater() -> None:
-    mon = QueryMonitor(slow_ms=100)
+    mon = QueryMonitor(slow_ms=100, metrics=Metrics.null())
     mon.record("SELECT 1", 0.100)
     assert mon.slow_total == 0
     mon.record("SELECT 1", 0.1001)
@@ -200,7 +200,14 @@ def test_degraded_needs_enough_statements_and_recovers_when_window_passes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
-    mon = QueryMonitor(slow_ms=10, clock=clock, window_s=60, min_statements=20, slow_share=0.1)
+    mon = QueryMonitor(
+        slow_ms=10,
+        clock=clock,
+        window_s=60,
+        min_statements=20,
+        slow_share=0.1,
+        metrics=Metrics.null(),
+    )
     caplog.set_level(logging.WARNING, logger="shared.db.monitor")
     for _ in range(5):
         mon.record("SELECT slow()", 0.5)
@@ -225,7 +232,7 @@ def test_degraded_needs_enough_statements_and_recovers_when_window_passes(
 
 def test_window_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(monitor_mod, "WINDOW_MAX", 50)
-    mon = QueryMonitor(slow_ms=10, min_statements=10, slow_share=0.5)
+    mon = QueryMonitor(slow_ms=10, min_statements=10, slow_share=0.5, metrics=Metrics.null())
     for _ in range(50):
         mon.record("SELECT slow()", 0.5)
     assert mon.degraded
@@ -237,7 +244,7 @@ def test_window_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_p95_is_nearest_rank() -> None:
-    mon = QueryMonitor(slow_ms=1000)
+    mon = QueryMonitor(slow_ms=1000, metrics=Metrics.null())
     for ms in range(1, 101):
         mon.record("SELECT x", ms / 1000)
     assert mon.p95_ms() == 95.0
@@ -249,7 +256,7 @@ def test_p95_is_nearest_rank() -> None:
 def test_distinct_statements_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(monitor_mod, "MAX_STATEMENTS", 3)
     monkeypatch.setattr(monitor_mod, "RAW_CACHE_MAX", 2)
-    mon = QueryMonitor(slow_ms=1000)
+    mon = QueryMonitor(slow_ms=1000, metrics=Metrics.null())
     for table in "abcdef":
         mon.record(f"SELECT * FROM {table}", 0.001)
     # Three shapes of their own, then one shared entry for everything after them.

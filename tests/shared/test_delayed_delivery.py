@@ -50,7 +50,9 @@ class World:
         return [r["id"] for r in rows]
 
     def delivery(self, db=None, **kw) -> DeliveryService:
-        return DeliveryService(db=db or self.db, bus=self.bus, settings=self.settings, **kw)
+        return DeliveryService(
+            db=db or self.db, bus=self.bus, settings=self.settings, metrics=Metrics.null(), **kw
+        )
 
 
 @pytest.fixture

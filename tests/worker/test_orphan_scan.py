@@ -13,10 +13,11 @@ from arq.connections import create_pool
 from shared.bus import arq_settings
 from shared.constants import JOB_ORPHAN_SCAN, QUEUE_NAME
 from shared.metrics import Metrics
-from shared.services.attachments.orphans import SCAN_LOCK_ID, OrphanScanner
+from shared.services.attachments.orphans import SCAN_LOCK_ID
 from shared.services.attachments.service import UPLOAD_LOCK_NS
 from shared.services.attachments.storage import STALE_TEMP_S, new_key
 from shared.services.audit import AuditTrail
+from shared.services.wiring import attachment_files
 from tests.attachment_helpers import (
     audit_rows,
     burst_worker,
@@ -35,7 +36,7 @@ def scan_settings(settings):
 
 
 def scanner(db, s):
-    return OrphanScanner(db=db, settings=s, metrics=Metrics())
+    return attachment_files(db=db, settings=s, metrics=Metrics(), audit=AuditTrail(db=db)).orphans
 
 
 def put(root: Path, rel: str, data: bytes = b"orphan", mtime: float | None = OLD) -> Path:

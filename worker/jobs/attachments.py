@@ -15,9 +15,6 @@ from shared.constants import (
     JOB_RETRY_ATTACHMENT_DELETIONS,
 )
 from shared.services.attachments import deletions as file_deletions
-from shared.services.attachments.deletions import FileDeletions
-from shared.services.attachments.orphans import OrphanScanner
-from shared.services.attachments.storage import Storage
 from worker.context import herald
 
 logger = logging.getLogger(__name__)
@@ -25,11 +22,6 @@ logger = logging.getLogger(__name__)
 # The daily scan runs at a quiet hour (UTC); a cron tick is unique across workers.
 ORPHAN_SCAN_HOUR = 3
 ORPHAN_SCAN_MINUTE = 17
-
-
-def _files(ctx: dict[str, Any]) -> FileDeletions:
-    h = herald(ctx)
-    return FileDeletions(db=h.db, storage=Storage(h.settings.upload_dir), metrics=h.metrics)
 
 
 async def delete_attachment_file(
@@ -45,7 +37,7 @@ async def delete_attachment_file(
         return "dry_run"
     final = job_try >= len(backoff)
     retry_in = None if final else backoff[job_try]
-    outcome = await _files(ctx).attempt(
+    outcome = await herald(ctx).services.file_deletions.attempt(
         attachment_id,
         attempt=job_try,
         final=final,
@@ -61,7 +53,7 @@ async def delete_attachment_file(
 async def retry_attachment_deletions(ctx: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
     """Operators' job: one more try for every ``delete_failed`` row (and ``deleting``
     rows whose retry job was lost); ``dry_run`` only counts them."""
-    summary = await _files(ctx).sweep(dry_run=dry_run)
+    summary = await herald(ctx).services.file_deletions.sweep(dry_run=dry_run)
     result = {**summary.to_json(), "dry_run": dry_run}
     logger.info("attachment deletion sweep: %s", result)
     return result
@@ -69,9 +61,7 @@ async def retry_attachment_deletions(ctx: dict[str, Any], dry_run: bool = False)
 
 async def orphan_scan(ctx: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
     """The orphan scan (daily cron and operators' job); ``dry_run`` only reports."""
-    h = herald(ctx)
-    scanner = OrphanScanner(db=h.db, settings=h.settings, metrics=h.metrics)
-    return await scanner.scan(dry_run=dry_run)
+    return await herald(ctx).services.orphans.scan(dry_run=dry_run)
 
 
 def attachment_functions() -> list[Function]:

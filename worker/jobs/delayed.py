@@ -10,9 +10,7 @@ from arq.cron import CronJob, cron
 from arq.worker import Function
 
 from shared.constants import JOB_CLEANUP_DELAYED, JOB_DELIVER_DELAYED, JOB_SAMPLE_QUEUE
-from shared.services.delayed.cleanup import CleanupService
-from shared.services.delayed.delivery import DeliveryService
-from shared.services.delayed.queue_stats import SAMPLE_INTERVAL_S, QueueStats
+from shared.services.delayed.queue_stats import SAMPLE_INTERVAL_S
 from worker.context import herald
 
 logger = logging.getLogger(__name__)
@@ -29,27 +27,19 @@ DELIVERY_KEEP_RESULT_S = 60
 
 async def deliver_delayed_message(ctx: dict[str, Any]) -> dict[str, Any]:
     """Deliver every due delayed message (a tick's job and the periodic sweep alike)."""
-    h = herald(ctx)
-    service = DeliveryService(db=h.db, bus=h.bus, settings=h.settings, metrics=h.metrics)
-    report = await service.deliver_due()
+    report = await herald(ctx).services.delivery.deliver_due()
     return report.as_dict()
 
 
 async def cleanup_delayed_messages(ctx: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
     """Delete finished delayed messages past the retention in batches; the run's record
     (also for a failure) is the result."""
-    h = herald(ctx)
-    service = CleanupService(
-        db=h.db, retention_s=h.settings.queue_retention_s, batch_size=h.settings.cleanup_batch
-    )
-    return await service.run(dry_run=dry_run, job_id=ctx.get("job_id"))
+    return await herald(ctx).services.cleanup.run(dry_run=dry_run, job_id=ctx.get("job_id"))
 
 
 async def sample_delayed_queue(ctx: dict[str, Any]) -> dict[str, Any]:
     """Record the queue size for /health's history and log alert crossings."""
-    h = herald(ctx)
-    stats = QueueStats(db=h.db, redis=h.redis, settings=h.settings, metrics=h.metrics)
-    return await stats.sample()
+    return await herald(ctx).services.queue_stats.sample()
 
 
 def delayed_functions() -> list[Function]:

@@ -22,6 +22,7 @@ from shared.services import audit
 from shared.services.attachments.deletions import FileDeletions
 from shared.services.attachments.service import UPLOAD_LOCK_NS
 from shared.services.attachments.storage import STALE_TEMP_S, FoundFile, PathRejected, Storage
+from shared.services.audit import AuditTrail
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,13 +73,16 @@ class OrphanScanner:
         db: Database,
         settings: Settings,
         metrics: Metrics,
-        storage: Storage | None = None,
+        storage: Storage,
+        files: FileDeletions,
+        audit: AuditTrail,
     ) -> None:
         self.db = db
         self.settings = settings
         self.metrics = metrics
-        self.storage = storage or Storage(settings.upload_dir)
-        self.files = FileDeletions(db=db, storage=self.storage, metrics=metrics)
+        self.storage = storage
+        self.files = files
+        self.audit = audit
 
     async def scan(self, *, dry_run: bool = False) -> dict[str, Any]:
         """One full scan; returns the summary also written to the audit trail."""
@@ -113,7 +117,7 @@ class OrphanScanner:
         summary.retry_failed = sweep.failed + sweep.rejected
         summary.duration_ms = int((time.time() - started) * 1000)
         result = asdict(summary)
-        await audit.AuditTrail(db=self.db).record(
+        await self.audit.record(
             audit.Entry(
                 audit.ORPHAN_SCAN,
                 "upload_dir",
@@ -160,7 +164,7 @@ class OrphanScanner:
                 s.orphans += 1
                 s.orphan_bytes += f.size
                 entries.append(self._detected(f, audit.DRY_RUN, {}))
-            await audit.AuditTrail(db=self.db).record(*entries)
+            await self.audit.record(*entries)
             self.metrics.orphan_files.labels(result="dry_run").inc(len(regular))
             return
         async with self.db.transaction() as tx:
@@ -245,7 +249,7 @@ class OrphanScanner:
                         details={"kind": "dangling_row", "problem": problems[r["id"]]},
                     )
                 )
-            await audit.AuditTrail(db=self.db).record(*entries)
+            await self.audit.record(*entries)
 
     def _check_rows(self, rows: list[dict[str, Any]]) -> dict[int, str]:
         problems: dict[int, str] = {}

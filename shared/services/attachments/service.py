@@ -29,6 +29,7 @@ from shared.services import audit
 from shared.services.attachments import deletions as file_deletions
 from shared.services.attachments.deletions import FileDeletions
 from shared.services.attachments.storage import PathRejected, Storage, TooLarge, new_key
+from shared.services.audit import AuditTrail
 from shared.services.channels import visible_channel
 from shared.settings import Settings
 from shared.validation import check_storable
@@ -100,15 +101,18 @@ class AttachmentService:
         db: Database,
         settings: Settings,
         metrics: Metrics,
-        storage: Storage | None = None,
+        storage: Storage,
+        files: FileDeletions,
+        audit: AuditTrail,
         arq: ArqRedis | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.metrics = metrics
-        self.storage = storage or Storage(settings.upload_dir)
+        self.storage = storage
+        self.files = files
+        self.audit = audit
         self.arq = arq
-        self.files = FileDeletions(db=db, storage=self.storage, metrics=metrics)
 
     # -- upload ------------------------------------------------------------------------
 
@@ -202,7 +206,7 @@ class AttachmentService:
         except FileNotFoundError:
             raise NotFound("attachment file is missing", code="file_missing") from None
         except PathRejected as exc:
-            await audit.AuditTrail(db=self.db).record(
+            await self.audit.record(
                 self._path_rejected(user, attachment_id, "download", exc, client_ip)
             )
             raise Conflict(

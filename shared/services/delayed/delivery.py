@@ -78,7 +78,7 @@ class DeliveryService:
         db: Database,
         bus: EventBus,
         settings: Settings,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         batch_size: int = BATCH_SIZE,
         parallel: int = PARALLEL,
     ) -> None:
@@ -206,8 +206,6 @@ class DeliveryService:
         return None
 
     def _count(self, report: DeliveryReport) -> None:
-        if self.metrics is None:
-            return
         if report.delivered:
             self.metrics.delayed_delivered.labels("delivered").inc(report.delivered)
         for reason, n in report.reasons.items():
