@@ -12,13 +12,13 @@ import redis.exceptions
 from aiohttp import web
 
 from server.keys import SETTINGS, USERS
+from shared.constants import API_PREFIX
 from shared.errors import HeraldError, PayloadTooLarge, Unauthorized
 from shared.models import User
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-API_PREFIX = "/api/v1"
 USER = web.RequestKey("user", User)
 
 STATUS_CODES = {

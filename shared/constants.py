@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The REST API's path prefix: routes, the auth and CORS middlewares, the dev runner's banner.
+API_PREFIX = "/api/v1"
+
 # arq job function names (the worker registers functions under exactly these names).
 JOB_CLEANUP_DELAYED = "cleanup_delayed_messages"
 JOB_DELIVER_DELAYED = "deliver_delayed_message"
