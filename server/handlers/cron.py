@@ -10,7 +10,7 @@ from aiohttp import web
 
 from server.keys import JOBS, SETTINGS
 from server.middlewares import bearer_token
-from shared.errors import HeraldError, Unauthorized
+from shared.errors import CronDisabled, Unauthorized
 from shared.services.jobs import JobState
 from shared.validation import parse_int_param
 
@@ -19,11 +19,6 @@ logger = logging.getLogger(__name__)
 CLEANUP_JOB = "cleanup-delayed-messages"
 DEFAULT_WAIT_S = 30
 MAX_WAIT_S = 300
-
-
-class CronDisabled(HeraldError):
-    status = 503
-    code = "cron_disabled"
 
 
 def require_cron_secret(request: web.Request) -> None:
