@@ -20,7 +20,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from shared.constants import JOB_DELETE_ATTACHMENT_FILE, QUEUE_NAME
+from shared.constants import JOB_DELETE_ATTACHMENT_FILE, QUEUE_NAME, AdvisoryLock
 from shared.db.pool import Database, Row
 from shared.errors import Conflict, Forbidden, NotFound, PayloadTooLarge
 from shared.metrics import Metrics
@@ -35,10 +35,6 @@ from shared.validation import check_storable
 
 logger = logging.getLogger(__name__)
 
-# Namespace of the per-key advisory lock an upload holds from INSERT to COMMIT; the orphan
-# scan try-locks the same key before removing a file, so it never takes a file whose row
-# is about to commit.
-UPLOAD_LOCK_NS = 0x4154  # "AT"
 MAX_FILENAME_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 CONTENT_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
@@ -142,8 +138,11 @@ class AttachmentService:
         try:
             async with self.db.transaction() as tx:
                 await visible_channel(tx, user, channel_id)
+                # Held until COMMIT; the orphan scan try-locks the same key before removing
+                # a file, so it never takes a file whose row is about to commit.
                 await tx.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (UPLOAD_LOCK_NS, key)
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                    (AdvisoryLock.UPLOAD_KEY, key),
                 )
                 row = await tx.fetchrow(
                     "INSERT INTO attachments (channel_id, uploader_id, storage_key, filename,"
