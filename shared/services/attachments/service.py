@@ -202,32 +202,19 @@ class AttachmentService:
             raise NotFound("attachment file is missing", code="file_missing") from None
         except PathRejected as exc:
             await audit.AuditTrail(db=self.db).record(
-                self._path_rejected(user, attachment_id, "download", exc, client_ip)
+                file_deletions.path_rejected_entry(
+                    self.metrics,
+                    attachment_id,
+                    exc,
+                    {"operation": "download"},
+                    actor_id=user.id,
+                    client_ip=client_ip,
+                )
             )
             raise Conflict(
                 "the attachment's stored path is refused", code="path_rejected"
             ) from None
         return Download(fd, size, row["filename"], row["content_type"])
-
-    def _path_rejected(
-        self,
-        user: User,
-        attachment_id: int,
-        operation: str,
-        exc: PathRejected,
-        client_ip: str | None,
-    ) -> audit.Entry:
-        """Count a refused stored path and describe it for the audit trail."""
-        self.metrics.attachment_path_rejected.inc()
-        return audit.Entry(
-            audit.ATTACHMENT_PATH_REJECTED,
-            "attachment",
-            attachment_id,
-            audit.DENIED,
-            actor_id=user.id,
-            details={"operation": operation, "reason": str(exc)},
-            client_ip=client_ip,
-        )
 
     async def _open_read(self, key: str) -> tuple[int, int]:
         """``Storage.open_read`` in a thread; if the caller is cancelled meanwhile, the
@@ -289,7 +276,15 @@ class AttachmentService:
                 except PathRejected as exc:
                     await self.files.mark_failed(tx, row, f"path rejected: {exc}")
                     await audit.append(
-                        tx, self._path_rejected(user, attachment_id, "delete", exc, client_ip)
+                        tx,
+                        file_deletions.path_rejected_entry(
+                            self.metrics,
+                            attachment_id,
+                            exc,
+                            {"operation": "delete"},
+                            actor_id=user.id,
+                            client_ip=client_ip,
+                        ),
                     )
                     error = Conflict(
                         "the attachment's stored path is refused; kept for an operator",
