@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from aiohttp import web
 
@@ -11,7 +11,7 @@ from server.keys import AUDIT, STREAMS
 from server.middlewares import current_user
 from shared.errors import Forbidden, ValidationError
 from shared.models import User
-from shared.validation import check_storable, parse_id, parse_int_param
+from shared.validation import check_storable, parse_id, parse_int_param, parse_rfc3339
 
 MAX_LIMIT = 1000
 ADMIN_CONNECTIONS_MAX = 10_000
@@ -41,13 +41,7 @@ def _time(request: web.Request, name: str) -> datetime | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    if len(raw) > 64:
-        raise ValidationError(f"{name}: not an RFC 3339 time")
-    try:
-        value = datetime.fromisoformat(raw.strip())
-    except ValueError:
-        raise ValidationError(f"{name}: not an RFC 3339 time") from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return parse_rfc3339(raw, name, offset_required=False)
 
 
 async def audit_log(request: web.Request) -> web.Response:

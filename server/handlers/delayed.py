@@ -9,9 +9,9 @@ from aiohttp import web
 from server.keys import DELAYED
 from server.middlewares import current_user, read_json
 from shared.errors import ValidationError
-from shared.services.delayed.scheduling import STATUSES, resolve_deliver_at
+from shared.services.delayed.scheduling import MAX_AHEAD_S, STATUSES
 from shared.services.messages import MAX_BODY_CHARS
-from shared.validation import get_text, parse_id, parse_int_param, require_object
+from shared.validation import get_deliver_at, get_text, parse_id, parse_int_param, require_object
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 500
@@ -23,7 +23,7 @@ async def schedule_delayed(request: web.Request) -> web.Response:
     data = require_object(await read_json(request), {"body", "deliver_at", "delay_seconds"})
     body = get_text(data, "body", min_len=1, max_len=MAX_BODY_CHARS)
     assert body is not None
-    deliver_at = resolve_deliver_at(data, datetime.now(UTC))
+    deliver_at = get_deliver_at(data, datetime.now(UTC), max_ahead_s=MAX_AHEAD_S)
     delayed = await request.app[DELAYED].schedule(user, channel_id, body, deliver_at)
     return web.json_response(delayed, status=202)
 
