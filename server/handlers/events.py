@@ -24,11 +24,11 @@ from aiohttp_sse import EventSourceResponse
 from server.clientip import client_ip
 from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
 from server.middlewares import current_user
+from server.params import path_id
 from server.sse import frames
 from server.sse.manager import StreamManager
 from server.sse.replay import parse_last_event_id, replay
 from server.sse.stream import CLOSING, Stream
-from shared.validation import parse_id
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ FLUSH_POLL_S = 0.05
 
 async def channel_events(request: web.Request) -> web.StreamResponse:
     user = current_user(request)
-    channel_id = parse_id(request.match_info["channel_id"], "channel id")
+    channel_id = path_id(request, "channel_id")
     after_id = parse_last_event_id(request)
     app = request.app
     settings = app[SETTINGS]
