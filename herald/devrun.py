@@ -44,6 +44,7 @@ from herald.embedded import (
     spawn,
     wait_or_kill,
 )
+from shared.constants import API_PREFIX
 from shared.settings import Settings, SettingsError, read_dotenv
 
 EXIT_FAILED = 1
@@ -311,7 +312,7 @@ class DevRun:
         command = f"{herald} users create NAME --admin"
         if self.pg is not None:
             command = f"DATABASE_URL={shlex.quote(database_url)} {command}"
-        say(f"Herald listens on {url} (API {url}/api/v1, health {url}/health)")
+        say(f"Herald listens on {url} (API {url}{API_PREFIX}, health {url}/health)")
         say(f"create a first user: {command}")
         if not self.args.check:
             say("press Ctrl-C to stop server, worker and any embedded services")

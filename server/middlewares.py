@@ -12,28 +12,14 @@ import redis.exceptions
 from aiohttp import web
 
 from server.keys import SETTINGS, USERS
-from shared.errors import HeraldError, PayloadTooLarge, Unauthorized
+from shared.constants import API_PREFIX
+from shared.errors import HeraldError, PayloadTooLarge, Unauthorized, code_for_status
 from shared.models import User
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-API_PREFIX = "/api/v1"
 USER = web.RequestKey("user", User)
-
-STATUS_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    429: "too_many_requests",
-    503: "unavailable",
-}
 
 
 def error_response(
@@ -69,9 +55,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.status == 413:
-            return error_response(413, "payload_too_large", "request body is too large")
-        code = STATUS_CODES.get(exc.status, "error")
+        if exc.status == PayloadTooLarge.status:
+            return error_response(exc.status, PayloadTooLarge.code, "request body is too large")
+        code = code_for_status(exc.status)
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, code, exc.reason or code, headers)
     except UNAVAILABLE_ERRORS as exc:

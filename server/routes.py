@@ -6,8 +6,7 @@ from aiohttp import web
 
 from server import health
 from server.handlers import admin, attachments, channels, cron, delayed, events, meta
-
-API = "/api/v1"
+from shared.constants import API_PREFIX as API
 
 
 def setup_routes(app: web.Application) -> None:

@@ -40,7 +40,7 @@ from shared.constants import (
     user_token_cache_key,
 )
 from shared.metrics import Metrics
-from shared.models import User
+from shared.models import User, may_see_channel
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ class ChannelEntry:
     def visible_to(self, user: User) -> dict[str, Any] | None:
         """The channel JSON if ``user`` may see it, else None (missing and hidden alike)."""
         channel = self.channel
-        if channel is None:
-            return None
-        if channel["is_private"] and not user.is_admin and user.id not in self.members:
+        if channel is None or not may_see_channel(
+            user, is_private=channel["is_private"], is_member=user.id in self.members
+        ):
             return None
         return channel
 
@@ -191,7 +191,9 @@ class MetadataCache:
             if data == ABSENT.encode():
                 return None
             channel: dict[str, Any] = json.loads(data)
-            if channel["is_private"] and not user.is_admin and member is None:
+            if not may_see_channel(
+                user, is_private=channel["is_private"], is_member=member is not None
+            ):
                 return None
             return channel
         self._miss("channel")

@@ -2,6 +2,30 @@
 
 from __future__ import annotations
 
+# The REST API's path prefix: routes, the auth and CORS middlewares, the dev runner's banner.
+API_PREFIX = "/api/v1"
+
+
+class AdvisoryLock:
+    """Every PostgreSQL advisory lock id Herald takes, in one table so no two collide.
+
+    The values are arbitrary (ASCII tags); they only have to be the same in every
+    process. One-key locks (``pg_advisory_xact_lock(bigint)``) guard one thing each. A
+    two-key lock (``pg_advisory_xact_lock(int, int)``) is a namespace and a 32-bit key
+    within it (a channel id modulo 2**31-1, a ``hashtext`` of a storage key); PostgreSQL
+    keeps the one-key and two-key forms apart, so a namespace cannot meet a one-key id.
+    """
+
+    # One-key locks.
+    MIGRATE = 0x48455241  # "HERA": `herald migrate`, so concurrent runs apply each once
+    AUDIT_APPEND = 0x41554454  # "AUDT": audit appends, so the hash chain has no forks
+    DELAYED_ADMISSION = 0x48444C59  # "HDLY": delayed-queue admission, so the caps are exact
+    ORPHAN_SCAN = 0x4F525048  # "ORPH": session-level, one orphan scan at a time
+    # Two-key namespaces.
+    CHANNEL_POST = 0x4D53  # "MS": posting into a channel, so its ids commit in order
+    UPLOAD_KEY = 0x4154  # "AT": an upload's storage key from INSERT to COMMIT
+
+
 # arq job function names (the worker registers functions under exactly these names).
 JOB_CLEANUP_DELAYED = "cleanup_delayed_messages"
 JOB_DELIVER_DELAYED = "deliver_delayed_message"

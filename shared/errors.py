@@ -40,6 +40,11 @@ class NotFound(HeraldError):
     code = "not_found"
 
 
+class MethodNotAllowed(HeraldError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class Conflict(HeraldError):
     status = 409
     code = "conflict"
@@ -48,6 +53,16 @@ class Conflict(HeraldError):
 class PayloadTooLarge(HeraldError):
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(HeraldError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class TooManyRequests(HeraldError):
+    status = 429
+    code = "too_many_requests"
 
 
 class RetryLater(HeraldError):
@@ -66,3 +81,35 @@ class RetryLater(HeraldError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class CronDisabled(HeraldError):
+    """The cron routes without a configured ``CRON_SECRET``."""
+
+    status = 503
+    code = "cron_disabled"
+
+
+# The code of each status when the answer is not one of ours (aiohttp's own 404, 405,
+# 413...): the classes above carry it, the error middleware reads it from here.
+STATUS_CODES: dict[int, str] = {
+    cls.status: cls.code
+    for cls in (
+        HeraldError,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        ValidationError,
+        TooManyRequests,
+        RetryLater,
+    )
+}
+
+
+def code_for_status(status: int) -> str:
+    """The contract's error code for an HTTP status; ``error`` for one it does not name."""
+    return STATUS_CODES.get(status, "error")

@@ -24,6 +24,12 @@ class User:
         return {"id": self.id, "name": self.name, "is_admin": self.is_admin}
 
 
+def may_see_channel(user: User, *, is_private: bool, is_member: bool) -> bool:
+    """The visibility rule: a public channel is everyone's; a private one is seen by its
+    members and admins only. (The channel listing's SQL states the same rule.)"""
+    return not is_private or is_member or user.is_admin
+
+
 class AuthorJson(TypedDict):
     id: int
     name: str

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from shared.errors import ValidationError
@@ -11,6 +13,13 @@ from shared.errors import ValidationError
 CHANNEL_NAME_RE = re.compile(r"[a-z0-9_-]{1,80}")
 MAX_BIGINT = 2**63 - 1
 INT_PARAM_RE = re.compile(r"-?[0-9]{1,18}")
+# [0-9], not \d: \d also matches other scripts' digits, which int() would then accept.
+RFC3339_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+    r"(?:[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"(?P<offset>[Zz]|[+-][0-9]{2}:[0-9]{2})?)?"
+)
+MAX_TIMESTAMP_CHARS = 64
 
 
 def check_storable(value: str, field: str) -> str:
@@ -99,6 +108,79 @@ def parse_int_param(raw: str | None, name: str, *, default: int, minimum: int, m
     if not minimum <= value <= maximum:
         raise ValidationError(f"{name}: must be between {minimum} and {maximum}")
     return value
+
+
+def parse_rfc3339(value: str, field: str, *, offset_required: bool = True) -> datetime:
+    """An RFC 3339 date-time as aware UTC; the one parser of times from clients.
+
+    The strictness differs by use, hence the flag. Strict (the default; ``deliver_at``):
+    a full date-time with an offset, since a time to act at must not depend on anyone's
+    zone. ``offset_required=False`` (the audit filters an operator types, documented as
+    "no offset = UTC"): no offset means UTC, a date alone its midnight UTC, and spaces
+    around the value are ignored."""
+    text = value if offset_required else value.strip()
+    m = RFC3339_RE.fullmatch(text) if len(value) <= MAX_TIMESTAMP_CHARS else None
+    if m is None or (offset_required and m["offset"] is None):
+        if offset_required:
+            raise ValidationError(f"{field}: must be an RFC 3339 date-time with an offset")
+        raise ValidationError(f"{field}: not an RFC 3339 time")
+    year, month, day, hour, minute, second, frac, offset = m.groups()
+    micro = int((frac or "0").ljust(6, "0")[:6])
+    if offset is None or offset in ("Z", "z"):
+        tz: timezone = UTC
+    else:
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+        if hours > 23 or minutes > 59:
+            raise ValidationError(f"{field}: invalid UTC offset")
+        sign = -1 if offset[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    try:
+        # RFC 3339 allows a leap second (:60); PostgreSQL does not store one: round down.
+        sec = min(int(second or 0), 59)
+        parsed = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour or 0),
+            int(minute or 0),
+            sec,
+            micro,
+            tzinfo=tz,
+        ).astimezone(UTC)
+    except (ValueError, OverflowError):
+        # OverflowError: valid as written, but out of datetime's range once in UTC.
+        raise ValidationError(f"{field}: not a valid date-time") from None
+    return parsed
+
+
+def get_deliver_at(data: Mapping[str, Any], now: datetime, *, max_ahead_s: int) -> datetime:
+    """``deliver_at`` (RFC 3339) or ``delay_seconds`` (a number), exactly one; in the
+    future and at most ``max_ahead_s`` ahead of ``now``."""
+    days = max_ahead_s // 86400
+    has_at = data.get("deliver_at") is not None
+    has_delay = data.get("delay_seconds") is not None
+    if has_at == has_delay:
+        raise ValidationError("give exactly one of deliver_at and delay_seconds")
+    if has_at:
+        raw = data["deliver_at"]
+        if not isinstance(raw, str):
+            raise ValidationError("deliver_at: must be an RFC 3339 string")
+        when = parse_rfc3339(raw, "deliver_at")
+        if when <= now:
+            raise ValidationError("deliver_at: must be in the future")
+    else:
+        delay = data["delay_seconds"]
+        if isinstance(delay, bool) or not isinstance(delay, int | float):
+            raise ValidationError("delay_seconds: must be a number")
+        # Range first: math.isfinite raises OverflowError on an int too large for a float.
+        if delay > max_ahead_s:
+            raise ValidationError(f"delay_seconds: at most {max_ahead_s} ({days} days)")
+        if delay <= 0 or not math.isfinite(delay):
+            raise ValidationError("delay_seconds: must be greater than 0")
+        when = now + timedelta(seconds=delay)
+    if when > now + timedelta(seconds=max_ahead_s):
+        raise ValidationError(f"deliver_at: at most {days} days ahead")
+    return when
 
 
 def channel_name(value: str | None) -> str:

@@ -16,8 +16,8 @@ from aiohttp.multipart import BadContentDispositionHeader
 from server import clientip
 from server.keys import ATTACHMENTS, SETTINGS
 from server.middlewares import current_user
+from server.params import path_id
 from shared.errors import PayloadTooLarge, ValidationError
-from shared.validation import parse_id
 
 CHUNK_BYTES = 64 * 1024
 # Room for the multipart boundaries and part headers around the file itself.
@@ -42,10 +42,6 @@ def client_ip(request: web.Request) -> str | None:
     or ``X-Forwarded-For`` only through ``HERALD_TRUSTED_PROXIES``)."""
     ip = clientip.client_ip(request, request.app[SETTINGS].trusted_proxies)
     return None if ip == clientip.UNKNOWN else ip
-
-
-def attachment_id_of(request: web.Request) -> int:
-    return parse_id(request.match_info["attachment_id"], "attachment id")
 
 
 def _part_name(part: BodyPartReader) -> str | None:
@@ -105,7 +101,7 @@ async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
 
 async def upload_attachment(request: web.Request) -> web.Response:
     user = current_user(request)
-    channel_id = parse_id(request.match_info["channel_id"], "channel id")
+    channel_id = path_id(request, "channel_id")
     limit = request.app[SETTINGS].max_upload_bytes
     length = request.content_length
     if length is not None and length > limit + MULTIPART_OVERHEAD:
@@ -132,7 +128,7 @@ async def upload_attachment(request: web.Request) -> web.Response:
 
 async def get_attachment(request: web.Request) -> web.Response:
     user = current_user(request)
-    attachment = await request.app[ATTACHMENTS].get(user, attachment_id_of(request))
+    attachment = await request.app[ATTACHMENTS].get(user, path_id(request, "attachment_id"))
     return web.json_response(attachment)
 
 
@@ -150,7 +146,7 @@ def content_disposition(filename: str) -> str:
 async def download_attachment(request: web.Request) -> web.StreamResponse:
     user = current_user(request)
     download = await request.app[ATTACHMENTS].open_content(
-        user, attachment_id_of(request), client_ip=client_ip(request)
+        user, path_id(request, "attachment_id"), client_ip=client_ip(request)
     )
     ctype = download.content_type
     if SCRIPTABLE_TYPE.search(ctype):
@@ -190,6 +186,6 @@ async def download_attachment(request: web.Request) -> web.StreamResponse:
 async def delete_attachment(request: web.Request) -> web.Response:
     user = current_user(request)
     await request.app[ATTACHMENTS].delete(
-        user, attachment_id_of(request), client_ip=client_ip(request)
+        user, path_id(request, "attachment_id"), client_ip=client_ip(request)
     )
     return web.Response(status=204)

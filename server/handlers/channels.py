@@ -6,24 +6,13 @@ from aiohttp import web
 
 from server.keys import CHANNELS, MESSAGES
 from server.middlewares import current_user, read_json
-from shared.errors import ValidationError
+from server.params import int_param, optional_id, path_id, text_param
 from shared.services.messages import MAX_BODY_CHARS
-from shared.validation import (
-    channel_name,
-    get_bool,
-    get_id,
-    get_text,
-    parse_id,
-    parse_int_param,
-    require_object,
-)
+from shared.validation import channel_name, get_bool, get_id, get_text, require_object
 
 MAX_LIMIT = 1000
 TOPIC_MAX = 1000
-
-
-def channel_id_of(request: web.Request) -> int:
-    return parse_id(request.match_info["channel_id"], "channel id")
+MAX_CURSOR_CHARS = 64
 
 
 async def create_channel(request: web.Request) -> web.Response:
@@ -38,25 +27,21 @@ async def create_channel(request: web.Request) -> web.Response:
 
 async def list_channels(request: web.Request) -> web.Response:
     user = current_user(request)
-    limit = parse_int_param(
-        request.query.get("limit"), "limit", default=100, minimum=1, maximum=MAX_LIMIT
-    )
-    cursor = request.query.get("cursor") or None
-    if cursor is not None and len(cursor) > 64:
-        raise ValidationError("cursor: invalid")
+    limit = int_param(request, "limit", default=100, minimum=1, maximum=MAX_LIMIT)
+    cursor = text_param(request, "cursor", max_chars=MAX_CURSOR_CHARS)
     page = await request.app[CHANNELS].list_visible(user, limit=limit, cursor=cursor)
     return web.json_response(page)
 
 
 async def get_channel(request: web.Request) -> web.Response:
     user = current_user(request)
-    channel = await request.app[CHANNELS].get(user, channel_id_of(request))
+    channel = await request.app[CHANNELS].get(user, path_id(request, "channel_id"))
     return web.json_response(channel)
 
 
 async def update_channel(request: web.Request) -> web.Response:
     user = current_user(request)
-    channel_id = channel_id_of(request)
+    channel_id = path_id(request, "channel_id")
     data = require_object(await read_json(request), {"name", "topic"})
     raw_name = get_text(data, "name", required=False, max_len=80)
     name = channel_name(raw_name) if raw_name is not None else None
@@ -67,13 +52,13 @@ async def update_channel(request: web.Request) -> web.Response:
 
 async def delete_channel(request: web.Request) -> web.Response:
     user = current_user(request)
-    await request.app[CHANNELS].delete(user, channel_id_of(request))
+    await request.app[CHANNELS].delete(user, path_id(request, "channel_id"))
     return web.Response(status=204)
 
 
 async def add_member(request: web.Request) -> web.Response:
     user = current_user(request)
-    channel_id = channel_id_of(request)
+    channel_id = path_id(request, "channel_id")
     data = require_object(await read_json(request), {"user_id"})
     await request.app[CHANNELS].add_member(user, channel_id, get_id(data, "user_id"))
     return web.Response(status=204)
@@ -81,15 +66,15 @@ async def add_member(request: web.Request) -> web.Response:
 
 async def remove_member(request: web.Request) -> web.Response:
     user = current_user(request)
-    channel_id = channel_id_of(request)
-    member_id = parse_id(request.match_info["user_id"], "user id")
+    channel_id = path_id(request, "channel_id")
+    member_id = path_id(request, "user_id")
     await request.app[CHANNELS].remove_member(user, channel_id, member_id)
     return web.Response(status=204)
 
 
 async def post_message(request: web.Request) -> web.Response:
     user = current_user(request)
-    channel_id = channel_id_of(request)
+    channel_id = path_id(request, "channel_id")
     data = require_object(await read_json(request), {"body"})
     body = get_text(data, "body", min_len=1, max_len=MAX_BODY_CHARS)
     assert body is not None
@@ -97,23 +82,12 @@ async def post_message(request: web.Request) -> web.Response:
     return web.json_response(message, status=201)
 
 
-def optional_id(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return None
-    if raw == "0":
-        return 0
-    return parse_id(raw, name)
-
-
 async def list_messages(request: web.Request) -> web.Response:
     user = current_user(request)
-    channel_id = channel_id_of(request)
-    before = optional_id(request, "before")
-    after = optional_id(request, "after")
-    limit = parse_int_param(
-        request.query.get("limit"), "limit", default=50, minimum=1, maximum=MAX_LIMIT
-    )
+    channel_id = path_id(request, "channel_id")
+    before = optional_id(request, "before", zero=True)
+    after = optional_id(request, "after", zero=True)
+    limit = int_param(request, "limit", default=50, minimum=1, maximum=MAX_LIMIT)
     items = await request.app[MESSAGES].page(
         user, channel_id, before=before, after=after, limit=limit
     )

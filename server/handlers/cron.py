@@ -10,20 +10,15 @@ from aiohttp import web
 
 from server.keys import JOBS, SETTINGS
 from server.middlewares import bearer_token
-from shared.errors import HeraldError, Unauthorized
+from server.params import int_param
+from shared.errors import CronDisabled, Unauthorized
 from shared.services.jobs import JobState
-from shared.validation import parse_int_param
 
 logger = logging.getLogger(__name__)
 
 CLEANUP_JOB = "cleanup-delayed-messages"
 DEFAULT_WAIT_S = 30
 MAX_WAIT_S = 300
-
-
-class CronDisabled(HeraldError):
-    status = 503
-    code = "cron_disabled"
 
 
 def require_cron_secret(request: web.Request) -> None:
@@ -61,9 +56,7 @@ def run_result(state: JobState) -> dict[str, Any]:
 
 async def cleanup_delayed_messages(request: web.Request) -> web.Response:
     require_cron_secret(request)
-    wait = parse_int_param(
-        request.query.get("wait"), "wait", default=DEFAULT_WAIT_S, minimum=0, maximum=MAX_WAIT_S
-    )
+    wait = int_param(request, "wait", default=DEFAULT_WAIT_S, minimum=0, maximum=MAX_WAIT_S)
     jobs = request.app[JOBS]
     job_id, joined = await jobs.enqueue(CLEANUP_JOB)
     logger.info("cron: cleanup job %s %s", job_id, "joined" if joined else "queued")

@@ -25,6 +25,7 @@ from aiohttp_sse import EventSourceResponse
 from server.clientip import client_ip
 from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
 from server.middlewares import current_user
+from server.params import path_id
 from server.sse import frames
 from server.sse.cursor import Cursor
 from server.sse.manager import StreamManager
@@ -96,7 +97,7 @@ FLUSH_POLL_S = 0.05
 async def channel_events(request: web.Request) -> web.StreamResponse:
     """``GET /api/v1/channels/{id}/events``: one channel; ``id:`` is the message id."""
     user = current_user(request)
-    channel_id = parse_id(request.match_info["channel_id"], "channel id")
+    channel_id = path_id(request, "channel_id")
     after_id = parse_last_event_id(request)
     app = request.app
     manager = app[STREAMS]

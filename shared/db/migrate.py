@@ -7,13 +7,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.constants import AdvisoryLock
 from shared.db.pool import Database
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-# Any constant works; it only has to be the same for every `herald migrate`.
-ADVISORY_LOCK_ID = 0x48455241  # "HERA"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +36,7 @@ async def migrate(db: Database, directory: Path = MIGRATIONS_DIR) -> list[str]:
     applied_now: list[str] = []
     async with db.transaction() as tx:
         # Transaction-scoped lock: a second `migrate` waits here, then sees our rows.
-        await tx.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_ID,))
+        await tx.execute("SELECT pg_advisory_xact_lock(%s)", (AdvisoryLock.MIGRATE,))
         await tx.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    name text PRIMARY KEY,

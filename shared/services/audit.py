@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Row, Tx
 from shared.models import iso
 
 logger = logging.getLogger(__name__)
 
-# Any constant works; it must only differ from the other advisory locks in use.
-AUDIT_LOCK_ID = 0x41554454  # "AUDT"
 GENESIS_HASH = "0" * 64
 VERIFY_BATCH = 2000
 
@@ -122,7 +121,7 @@ async def append(tx: Tx, *entries: Entry) -> list[int]:
     and taking it last keeps that short and free of lock-order deadlocks."""
     if not entries:
         return []
-    await tx.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK_ID,))
+    await tx.execute("SELECT pg_advisory_xact_lock(%s)", (AdvisoryLock.AUDIT_APPEND,))
     head = await tx.fetchrow(HEAD_SQL)
     assert head is not None
     prev_id, prev_hash = (head["id"], head["hash"]) if head["id"] else (0, GENESIS_HASH)

@@ -12,7 +12,7 @@ from shared.bus import EventBus
 from shared.cache import ChannelEntry, MetadataCache
 from shared.db.pool import Database, Row, Tx
 from shared.errors import Conflict, Forbidden, NotFound, ValidationError
-from shared.models import User, channel_json, iso
+from shared.models import User, channel_json, iso, may_see_channel
 
 CHANNEL_COLUMNS = "c.id, c.name, c.topic, c.is_private, c.created_by, c.created_at, c.updated_at"
 
@@ -42,6 +42,7 @@ LEFT JOIN LATERAL (
     WHERE me.user_id IS NOT NULL AND m.channel_id = c.id AND m.id > me.last_read_message_id
 ) uc ON true
 WHERE c.id > %(after)s
+  -- may_see_channel (shared/models.py), in SQL
   AND (NOT c.is_private OR me.user_id IS NOT NULL OR %(is_admin)s)
 ORDER BY c.id
 LIMIT %(limit)s
@@ -105,7 +106,9 @@ async def visible_channel(tx: Tx, user: User, channel_id: int, *, lock: bool = F
         " WHERE c.id = %s" + (" FOR UPDATE OF c" if lock else ""),
         (user.id, channel_id),
     )
-    if row is None or (row["is_private"] and not row["is_member"] and not user.is_admin):
+    if row is None or not may_see_channel(
+        user, is_private=row["is_private"], is_member=row["is_member"]
+    ):
         raise NotFound("channel not found", code="channel_not_found")
     return row
 

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg2.errors
 
 from shared.bus import EventBus
+from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Row, Tx
 from shared.errors import NotFound
 from shared.models import MessageJson, User, message_json
@@ -18,8 +19,6 @@ from shared.services.channels import visible_channel
 MESSAGE_COLUMNS = "m.id, m.channel_id, m.author_id, u.name AS author_name, m.body, m.created_at"
 FEED_COLUMNS = MESSAGE_COLUMNS + ", m.prev_id"
 MAX_BODY_CHARS = 10_000
-# Two-key advisory lock namespace for "posting into channel N" (see insert_message).
-POST_LOCK_NS = 0x4D53  # "MS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +48,8 @@ async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> 
     # it, a client replaying "everything after id N" between two concurrent commits could
     # see N+2 committed, move past it, and never get N+1 (a gap in Last-Event-ID replay).
     await tx.execute(
-        "SELECT pg_advisory_xact_lock(%s, %s)", (POST_LOCK_NS, channel_id % 2_147_483_647)
+        "SELECT pg_advisory_xact_lock(%s, %s)",
+        (AdvisoryLock.CHANNEL_POST, channel_id % 2_147_483_647),
     )
     try:
         row = await tx.fetchrow(
@@ -84,7 +84,8 @@ async def insert_messages(tx: Tx, items: Sequence[tuple[int, int, str]]) -> list
     # batches wait for each other instead of deadlocking.
     for channel_id in sorted({c for c, _, _ in items}):
         await tx.execute(
-            "SELECT pg_advisory_xact_lock(%s, %s)", (POST_LOCK_NS, channel_id % 2_147_483_647)
+            "SELECT pg_advisory_xact_lock(%s, %s)",
+            (AdvisoryLock.CHANNEL_POST, channel_id % 2_147_483_647),
         )
     rows = await tx.fetch(
         "WITH m AS (INSERT INTO messages (channel_id, author_id, body)"
@@ -217,7 +218,7 @@ class MessageService:
             await tx.execute(
                 "SELECT pg_advisory_xact_lock_shared(%s, (c %% 2147483647)::int)"
                 " FROM (SELECT c FROM unnest(%s::bigint[]) AS c ORDER BY c) AS s",
-                (POST_LOCK_NS, ids),
+                (AdvisoryLock.CHANNEL_POST, ids),
             )
             seq = await tx.fetchrow("SELECT last_value, is_called FROM messages_id_seq")
             rows = await tx.fetch(

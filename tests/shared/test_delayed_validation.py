@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 
 from shared.errors import ValidationError
 from shared.services.delayed.admission import retry_after
 from shared.services.delayed.queue_stats import growth_per_min, parse_samples
-from shared.services.delayed.scheduling import (
-    MAX_AHEAD_S,
-    delivery_tick,
-    parse_rfc3339,
-    resolve_deliver_at,
-)
+from shared.services.delayed.scheduling import MAX_AHEAD_S, delivery_tick
+from shared.validation import get_deliver_at, parse_rfc3339
+
+resolve_deliver_at = partial(get_deliver_at, max_ahead_s=MAX_AHEAD_S)
 
 NOW = datetime(2030, 6, 15, 12, 0, 0, tzinfo=UTC)
 
@@ -33,7 +32,7 @@ NOW = datetime(2030, 6, 15, 12, 0, 0, tzinfo=UTC)
     ],
 )
 def test_rfc3339_accepted(text, expected):
-    assert parse_rfc3339(text) == expected
+    assert parse_rfc3339(text, "deliver_at") == expected
 
 
 @pytest.mark.parametrize(
@@ -64,7 +63,25 @@ def test_rfc3339_accepted(text, expected):
 )
 def test_rfc3339_rejected(text):
     with pytest.raises(ValidationError):
-        parse_rfc3339(text)
+        parse_rfc3339(text, "deliver_at")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2030-06-15T12:30:00", datetime(2030, 6, 15, 12, 30, tzinfo=UTC)),
+        ("2030-06-15", datetime(2030, 6, 15, tzinfo=UTC)),
+        (" 2030-06-15T14:30:00+02:00 ", datetime(2030, 6, 15, 12, 30, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_without_an_offset_is_utc_where_allowed(text, expected):
+    assert parse_rfc3339(text, "since", offset_required=False) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2024-13-45", "9" * 100, "2030-06-15T12:30Z"])
+def test_rfc3339_lenient_still_rejects_non_times(text):
+    with pytest.raises(ValidationError):
+        parse_rfc3339(text, "since", offset_required=False)
 
 
 def test_resolve_deliver_at_rules():

@@ -11,10 +11,8 @@ import pytest
 from arq.connections import create_pool
 
 from shared.bus import arq_settings
-from shared.constants import JOB_ORPHAN_SCAN, QUEUE_NAME
+from shared.constants import JOB_ORPHAN_SCAN, QUEUE_NAME, AdvisoryLock
 from shared.metrics import Metrics
-from shared.services.attachments.orphans import SCAN_LOCK_ID
-from shared.services.attachments.service import UPLOAD_LOCK_NS
 from shared.services.attachments.storage import STALE_TEMP_S, new_key
 from shared.services.audit import AuditTrail
 from shared.services.wiring import attachment_files
@@ -123,7 +121,9 @@ async def test_uploads_in_progress_are_never_touched(client, alice, scan_setting
     placed = put(root, key, b"placed")
     zero_grace = replace(scan_settings, orphan_grace_s=0)
     async with db.transaction() as tx:
-        await tx.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (UPLOAD_LOCK_NS, key))
+        await tx.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (AdvisoryLock.UPLOAD_KEY, key)
+        )
         await tx.execute(
             "INSERT INTO attachments (channel_id, uploader_id, storage_key, filename,"
             " content_type, size, sha256) VALUES (%s, %s, %s, 'f', 'text/plain', 6, 'x')",
@@ -238,11 +238,11 @@ async def test_undecodable_file_name_is_handled(scan_settings, db):
 
 async def test_a_second_concurrent_scan_is_skipped(scan_settings, db):
     async with db.connection() as other:
-        await other.execute("SELECT pg_advisory_lock(%s)", (SCAN_LOCK_ID,))
+        await other.execute("SELECT pg_advisory_lock(%s)", (AdvisoryLock.ORPHAN_SCAN,))
         try:
             result = await scanner(db, scan_settings).scan()
         finally:
-            await other.execute("SELECT pg_advisory_unlock(%s)", (SCAN_LOCK_ID,))
+            await other.execute("SELECT pg_advisory_unlock(%s)", (AdvisoryLock.ORPHAN_SCAN,))
     assert "skipped" in result
     assert await audit_rows(db, "orphan.scan") == []
 

@@ -49,6 +49,29 @@ def describe_os_error(exc: OSError) -> str:
     return f"{exc.__class__.__name__}" + (f" [{code}]" if code else "") + f": {text}"
 
 
+def path_rejected_entry(
+    metrics: Metrics,
+    attachment_id: int,
+    exc: PathRejected,
+    details: dict[str, Any],
+    *,
+    actor_id: int | None = None,
+    client_ip: str | None = None,
+) -> audit.Entry:
+    """Count a refused stored path and describe it for the audit trail (downloads,
+    deletes and file-removal attempts alike)."""
+    metrics.attachment_path_rejected.inc()
+    return audit.Entry(
+        audit.ATTACHMENT_PATH_REJECTED,
+        "attachment",
+        attachment_id,
+        audit.DENIED,
+        actor_id=actor_id,
+        details={**details, "reason": str(exc)},
+        client_ip=client_ip,
+    )
+
+
 @dataclass(slots=True)
 class SweepSummary:
     candidates: int = 0
@@ -98,16 +121,8 @@ class FileDeletions:
             except PathRejected as exc:
                 await self.mark_failed(tx, row, f"path rejected: {exc}")
                 await audit.append(
-                    tx,
-                    audit.Entry(
-                        audit.ATTACHMENT_PATH_REJECTED,
-                        "attachment",
-                        attachment_id,
-                        audit.DENIED,
-                        details={**details, "reason": str(exc)},
-                    ),
+                    tx, path_rejected_entry(self.metrics, attachment_id, exc, details)
                 )
-                self.metrics.attachment_path_rejected.inc()
                 return REJECTED
             except OSError as exc:
                 error = describe_os_error(exc)

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
 
+from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Tx
 from shared.metrics import Metrics
 from shared.services import audit
 from shared.services.attachments.deletions import FileDeletions
-from shared.services.attachments.service import UPLOAD_LOCK_NS
 from shared.services.attachments.storage import STALE_TEMP_S, FoundFile, PathRejected, Storage
 from shared.services.audit import AuditTrail
 from shared.settings import Settings
@@ -28,8 +28,6 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 LOOKUP_BATCH = 1000
-# Held (session-level) for a whole scan, so a cron run and an operator run never overlap.
-SCAN_LOCK_ID = 0x4F525048  # "ORPH"
 
 
 @dataclass(slots=True)
@@ -86,14 +84,18 @@ class OrphanScanner:
 
     async def scan(self, *, dry_run: bool = False) -> dict[str, Any]:
         """One full scan; returns the summary also written to the audit trail."""
+        # Held (session-level) for a whole scan, so a cron run and an operator run never
+        # overlap.
         async with self.db.connection() as lock:
-            if not await lock.fetchval("SELECT pg_try_advisory_lock(%s)", (SCAN_LOCK_ID,)):
+            if not await lock.fetchval(
+                "SELECT pg_try_advisory_lock(%s)", (AdvisoryLock.ORPHAN_SCAN,)
+            ):
                 logger.info("orphan scan skipped: another scan is running")
                 return {"skipped": "another orphan scan is running"}
             try:
                 return await self._scan(dry_run)
             finally:
-                await lock.execute("SELECT pg_advisory_unlock(%s)", (SCAN_LOCK_ID,))
+                await lock.execute("SELECT pg_advisory_unlock(%s)", (AdvisoryLock.ORPHAN_SCAN,))
 
     async def _scan(self, dry_run: bool) -> dict[str, Any]:
         started = time.time()
@@ -175,7 +177,7 @@ class OrphanScanner:
                 rows = await tx.fetch(
                     "SELECT k FROM unnest(%s::text[]) AS k"
                     " WHERE NOT pg_try_advisory_xact_lock(%s, hashtext(k))",
-                    (keys, UPLOAD_LOCK_NS),
+                    (keys, AdvisoryLock.UPLOAD_KEY),
                 )
                 busy = {r["k"] for r in rows}
                 # Re-read under the locks: an upload may have committed since the lookup.

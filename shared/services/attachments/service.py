@@ -20,7 +20,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from shared.constants import JOB_DELETE_ATTACHMENT_FILE, QUEUE_NAME
+from shared.constants import JOB_DELETE_ATTACHMENT_FILE, QUEUE_NAME, AdvisoryLock
 from shared.db.pool import Database, Row
 from shared.errors import Conflict, Forbidden, NotFound, PayloadTooLarge
 from shared.metrics import Metrics
@@ -36,10 +36,6 @@ from shared.validation import check_storable
 
 logger = logging.getLogger(__name__)
 
-# Namespace of the per-key advisory lock an upload holds from INSERT to COMMIT; the orphan
-# scan try-locks the same key before removing a file, so it never takes a file whose row
-# is about to commit.
-UPLOAD_LOCK_NS = 0x4154  # "AT"
 MAX_FILENAME_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 CONTENT_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
@@ -146,8 +142,11 @@ class AttachmentService:
         try:
             async with self.db.transaction() as tx:
                 await visible_channel(tx, user, channel_id)
+                # Held until COMMIT; the orphan scan try-locks the same key before removing
+                # a file, so it never takes a file whose row is about to commit.
                 await tx.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (UPLOAD_LOCK_NS, key)
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                    (AdvisoryLock.UPLOAD_KEY, key),
                 )
                 row = await tx.fetchrow(
                     "INSERT INTO attachments (channel_id, uploader_id, storage_key, filename,"
@@ -207,32 +206,19 @@ class AttachmentService:
             raise NotFound("attachment file is missing", code="file_missing") from None
         except PathRejected as exc:
             await self.audit.record(
-                self._path_rejected(user, attachment_id, "download", exc, client_ip)
+                file_deletions.path_rejected_entry(
+                    self.metrics,
+                    attachment_id,
+                    exc,
+                    {"operation": "download"},
+                    actor_id=user.id,
+                    client_ip=client_ip,
+                )
             )
             raise Conflict(
                 "the attachment's stored path is refused", code="path_rejected"
             ) from None
         return Download(fd, size, row["filename"], row["content_type"])
-
-    def _path_rejected(
-        self,
-        user: User,
-        attachment_id: int,
-        operation: str,
-        exc: PathRejected,
-        client_ip: str | None,
-    ) -> audit.Entry:
-        """Count a refused stored path and describe it for the audit trail."""
-        self.metrics.attachment_path_rejected.inc()
-        return audit.Entry(
-            audit.ATTACHMENT_PATH_REJECTED,
-            "attachment",
-            attachment_id,
-            audit.DENIED,
-            actor_id=user.id,
-            details={"operation": operation, "reason": str(exc)},
-            client_ip=client_ip,
-        )
 
     async def _open_read(self, key: str) -> tuple[int, int]:
         """``Storage.open_read`` in a thread; if the caller is cancelled meanwhile, the
@@ -294,7 +280,15 @@ class AttachmentService:
                 except PathRejected as exc:
                     await self.files.mark_failed(tx, row, f"path rejected: {exc}")
                     await audit.append(
-                        tx, self._path_rejected(user, attachment_id, "delete", exc, client_ip)
+                        tx,
+                        file_deletions.path_rejected_entry(
+                            self.metrics,
+                            attachment_id,
+                            exc,
+                            {"operation": "delete"},
+                            actor_id=user.id,
+                            client_ip=client_ip,
+                        ),
                     )
                     error = Conflict(
                         "the attachment's stored path is refused; kept for an operator",

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Row, Tx
 from shared.errors import RetryLater
 from shared.metrics import Metrics
@@ -25,8 +26,6 @@ from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Any constant works; it only has to be the same in every process.
-QUEUE_LOCK_ID = 0x48444C59  # "HDLY"
 MAX_BATCH = 200
 MAX_RETRY_AFTER_S = 300
 
@@ -103,7 +102,7 @@ class Admission:
     async def _admit_batch(self, batch: list[Request]) -> None:
         now = datetime.now(UTC)
         async with self.db.transaction() as tx:
-            await tx.execute("SELECT pg_advisory_xact_lock(%s)", (QUEUE_LOCK_ID,))
+            await tx.execute("SELECT pg_advisory_xact_lock(%s)", (AdvisoryLock.DELAYED_ADMISSION,))
             authors = sorted({r.author_id for r in batch})
             rows = await tx.fetch(
                 "SELECT author_id, count(*) AS n FROM delayed_messages"

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import OrderedDict
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -19,7 +17,7 @@ from redis.exceptions import RedisError
 
 from shared.constants import JOB_DELIVER_DELAYED, QUEUE_NAME, delivery_job_id
 from shared.db.pool import Database, Row
-from shared.errors import Conflict, NotFound, ValidationError
+from shared.errors import Conflict, NotFound
 from shared.metrics import Metrics
 from shared.models import User, iso
 from shared.services.channels import visible_channel
@@ -30,79 +28,17 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 STATUSES = ("pending", "delivered", "cancelled", "failed")
+# How far ahead a message may be scheduled (the handler checks it while parsing).
 MAX_AHEAD_S = 30 * 24 * 3600
 # Delivery jobs are per tick (ceil of deliver_at to 100 ms): messages due together share
 # one job, and a message is at most one tick early in its job's eyes (never late).
 TICK_MS = 100
 RECENT_TICKS = 4096
 
-# [0-9], not \d: \d also matches other scripts' digits, which int() would then accept.
-RFC3339_RE = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
-    r"(?:\.([0-9]{1,9}))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
-)
-MAX_TIMESTAMP_CHARS = 40
-
 DELAYED_COLUMNS = (
     "id, channel_id, author_id, body, deliver_at, status, reason, message_id,"
     " created_at, finished_at"
 )
-
-
-def parse_rfc3339(value: str) -> datetime:
-    """A strict RFC 3339 date-time with an offset (``Z`` or ``±hh:mm``), as aware UTC."""
-    m = RFC3339_RE.fullmatch(value) if len(value) <= MAX_TIMESTAMP_CHARS else None
-    if m is None:
-        raise ValidationError("deliver_at: must be an RFC 3339 date-time with an offset")
-    year, month, day, hour, minute, second, frac, offset = m.groups()
-    micro = int((frac or "0").ljust(6, "0")[:6])
-    if offset in ("Z", "z"):
-        tz: timezone = UTC
-    else:
-        hours, minutes = int(offset[1:3]), int(offset[4:6])
-        if hours > 23 or minutes > 59:
-            raise ValidationError("deliver_at: invalid UTC offset")
-        sign = -1 if offset[0] == "-" else 1
-        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
-    try:
-        # RFC 3339 allows a leap second (:60); PostgreSQL does not store one: round down.
-        sec = min(int(second), 59)
-        parsed = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), sec, micro, tzinfo=tz
-        ).astimezone(UTC)
-    except (ValueError, OverflowError):
-        # OverflowError: valid as written, but out of datetime's range once in UTC.
-        raise ValidationError("deliver_at: not a valid date-time") from None
-    return parsed
-
-
-def resolve_deliver_at(data: Mapping[str, Any], now: datetime) -> datetime:
-    """``deliver_at`` (RFC 3339) or ``delay_seconds`` (a number), exactly one; in the
-    future and at most 30 days ahead of ``now``."""
-    has_at = data.get("deliver_at") is not None
-    has_delay = data.get("delay_seconds") is not None
-    if has_at == has_delay:
-        raise ValidationError("give exactly one of deliver_at and delay_seconds")
-    if has_at:
-        raw = data["deliver_at"]
-        if not isinstance(raw, str):
-            raise ValidationError("deliver_at: must be an RFC 3339 string")
-        when = parse_rfc3339(raw)
-        if when <= now:
-            raise ValidationError("deliver_at: must be in the future")
-    else:
-        delay = data["delay_seconds"]
-        if isinstance(delay, bool) or not isinstance(delay, int | float):
-            raise ValidationError("delay_seconds: must be a number")
-        # Range first: math.isfinite raises OverflowError on an int too large for a float.
-        if delay > MAX_AHEAD_S:
-            raise ValidationError(f"delay_seconds: at most {MAX_AHEAD_S} (30 days)")
-        if delay <= 0 or not math.isfinite(delay):
-            raise ValidationError("delay_seconds: must be greater than 0")
-        when = now + timedelta(seconds=delay)
-    if when > now + timedelta(seconds=MAX_AHEAD_S):
-        raise ValidationError("deliver_at: at most 30 days ahead")
-    return when
 
 
 def delayed_json(row: Row) -> dict[str, Any]:
