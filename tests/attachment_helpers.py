@@ -15,9 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from shared.db.pool import Database
 from shared.settings import Settings
+from tests.helpers import API
 from worker.app import build_worker
-
-API = "/api/v1"
 
 
 async def make_channel(

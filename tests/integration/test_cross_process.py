@@ -16,8 +16,8 @@ from server.keys import HUB
 from shared.constants import events_channel
 from shared.settings import Settings
 from tests.conftest import AuthUser
+from tests.helpers import API
 
-API = "/api/v1"
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 

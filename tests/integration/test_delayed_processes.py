@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from shared.db.pool import Database, create_pool
+from tests.helpers import API
 
 ROOT = Path(__file__).resolve().parents[2]
-API = "/api/v1"
 
 
 def process_env(settings, **extra) -> dict[str, str]:

@@ -10,8 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser
-
-API = "/api/v1"
+from tests.helpers import API
 
 # Every endpoint that reads a JSON body: (method, path template, a valid body).
 BODY_ROUTES = [

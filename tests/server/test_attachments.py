@@ -16,7 +16,6 @@ from shared.constants import QUEUE_NAME
 from shared.services.attachments import deletions as file_deletions
 from shared.services.audit import AuditTrail
 from tests.attachment_helpers import (
-    API,
     audit_rows,
     failing_unlink,
     file_of,
@@ -27,6 +26,7 @@ from tests.attachment_helpers import (
     upload_ok,
 )
 from tests.conftest import UserFactory
+from tests.helpers import API
 
 
 async def test_upload_download_roundtrip(client, alice, settings, db):

@@ -7,8 +7,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser
-
-API = "/api/v1"
+from tests.helpers import API
 
 # Every authenticated foundation route (method, path, JSON body).
 ROUTES: list[tuple[str, str, Any]] = [

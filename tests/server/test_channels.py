@@ -8,8 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser, UserFactory
-
-API = "/api/v1"
+from tests.helpers import API
 
 
 async def expect_error(

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-API = "/api/v1"
+from tests.helpers import API
 
 
 async def make_channel(client, user, name="general", private=False) -> int:

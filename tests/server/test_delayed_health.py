@@ -6,8 +6,7 @@ from shared.metrics import Metrics
 from shared.services.delayed.cleanup import CleanupService
 from shared.services.delayed.queue_stats import QueueStats
 from tests.health_fields import CLEANUP_FIELDS, CONTRACT_FIELDS
-
-API = "/api/v1"
+from tests.helpers import API
 
 
 async def schedule(client, user, channel, n):

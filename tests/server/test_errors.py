@@ -15,8 +15,8 @@ from server.app import init_app
 from shared.errors import Conflict, RetryLater
 from shared.settings import Settings
 from tests.conftest import AuthUser
+from tests.helpers import API
 
-API = "/api/v1"
 MIB = 1024 * 1024
 
 

@@ -9,8 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser
-
-API = "/api/v1"
+from tests.helpers import API
 
 
 async def expect_error(resp: Any, status: int, code: str | None = None) -> dict[str, Any]:

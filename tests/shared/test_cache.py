@@ -23,8 +23,8 @@ from shared.models import User
 from shared.services.channels import DETAIL_SQL
 from shared.settings import Settings
 from tests.conftest import AuthUser, UserFactory
+from tests.helpers import API
 
-API = "/api/v1"
 DETAIL = normalise(DETAIL_SQL)
 
 

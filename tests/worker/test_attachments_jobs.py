@@ -17,7 +17,6 @@ from shared.constants import (
 from shared.services.attachments import deletions as file_deletions
 from shared.services.audit import AuditTrail
 from tests.attachment_helpers import (
-    API,
     audit_rows,
     burst_worker,
     failing_unlink,
@@ -26,6 +25,7 @@ from tests.attachment_helpers import (
     row_of,
     upload_ok,
 )
+from tests.helpers import API
 from worker.app import cron_jobs, functions
 from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import delete_attachment_file, retry_attachment_deletions

@@ -22,9 +22,8 @@ from shared.metrics import Metrics
 from shared.services.delayed.queue_stats import QueueStats
 from shared.services.jobs import JobService
 from shared.services.users import UserService
+from tests.helpers import API
 from worker.app import build_worker, cron_jobs, functions
-
-API = "/api/v1"
 
 
 async def run_burst(settings, **kw):
