@@ -8,15 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser, UserFactory
-from tests.helpers import API
-
-
-async def expect_error(resp: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    if code is not None:
-        assert body["error"]["code"] == code
-    return dict(body["error"])
+from tests.helpers import API, expect_error
 
 
 async def new_channel(
