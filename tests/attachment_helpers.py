@@ -19,16 +19,6 @@ from tests.helpers import API
 from worker.app import build_worker
 
 
-async def make_channel(
-    client: TestClient[Any, Any], user: Any, name: str = "files", *, private: bool = False
-) -> int:
-    resp = await client.post(
-        f"{API}/channels", json={"name": name, "is_private": private}, headers=user.headers
-    )
-    assert resp.status == 201, await resp.text()
-    return int((await resp.json())["id"])
-
-
 def form(
     data: bytes,
     filename: str | None = "hello.txt",

@@ -6,9 +6,31 @@ tests/test_test_imports.py keeps it so."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp.test_utils import TestClient
+
+    from tests.conftest import AuthUser
 
 API = "/api/v1"
+
+
+async def make_channel(
+    client: TestClient[Any, Any], user: AuthUser, name: str = "general", *, private: bool = False
+) -> int:
+    """Create a channel over REST as ``user`` and return its id (names are global: a test
+    that makes several passes a ``name`` for each)."""
+    resp = await client.post(
+        f"{API}/channels", json={"name": name, "is_private": private}, headers=user.headers
+    )
+    assert resp.status == 201, await resp.text()
+    return int((await resp.json())["id"])
+
+
+def channel_path(channel_id: int) -> str:
+    """The channel's REST path, e.g. ``channel_path(await make_channel(...)) + "/members"``."""
+    return f"{API}/channels/{channel_id}"
 
 
 async def expect_error(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from shared.db.pool import Database, create_pool
-from tests.helpers import API
+from tests.helpers import API, make_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,11 +88,6 @@ async def poll(check, deadline_s=20.0, what="condition"):
             return value
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-async def make_channel(client, user, name="live"):
-    resp = await client.post(f"{API}/channels", json={"name": name}, headers=user.headers)
-    return (await resp.json())["id"]
 
 
 async def test_worker_killed_mid_delivery_then_restarted_delivers_once(

@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 import aiohttp
 
 from server.keys import CHANNELS, STREAMS
+from tests.helpers import make_channel
 from tests.server.test_sse_support import SSEReader, auth, live_server, wait_for
 
 
@@ -202,10 +203,7 @@ async def test_replay_has_no_gap_and_no_duplicate_while_messages_race_in(setting
 
 async def test_revocation_and_messages_across_two_instances(client, make_client, alice, bob):
     """Two apps on one Redis and database: two server processes."""
-    resp = await client.post(
-        "/api/v1/channels", json={"name": "private", "is_private": True}, headers=alice.headers
-    )
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(client, alice, "private", private=True)
     resp = await client.post(
         f"/api/v1/channels/{channel_id}/members", json={"user_id": bob.id}, headers=alice.headers
     )

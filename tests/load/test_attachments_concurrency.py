@@ -12,8 +12,8 @@ from dataclasses import replace
 from shared.metrics import Metrics
 from shared.services.attachments.orphans import OrphanScanner
 from shared.services.audit import AuditTrail
-from tests.attachment_helpers import audit_rows, files_on_disk, make_channel, upload
-from tests.helpers import API
+from tests.attachment_helpers import audit_rows, files_on_disk, upload
+from tests.helpers import API, make_channel
 
 
 async def test_mixed_operations_keep_disk_and_database_in_agreement(

@@ -20,13 +20,12 @@ from tests.attachment_helpers import (
     failing_unlink,
     file_of,
     files_on_disk,
-    make_channel,
     row_of,
     upload,
     upload_ok,
 )
 from tests.conftest import UserFactory
-from tests.helpers import API
+from tests.helpers import API, make_channel
 
 
 async def test_upload_download_roundtrip(client, alice, settings, db):

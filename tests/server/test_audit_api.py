@@ -9,8 +9,8 @@ from urllib.parse import quote
 import pytest
 
 from shared.services.audit import AuditTrail, Entry
-from tests.attachment_helpers import make_channel, upload_ok
-from tests.helpers import API
+from tests.attachment_helpers import upload_ok
+from tests.helpers import API, make_channel
 
 URL = f"{API}/admin/audit"
 

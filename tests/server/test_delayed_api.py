@@ -8,15 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.helpers import API, expect_error
-
-
-async def make_channel(client, user, name="general", private=False) -> int:
-    resp = await client.post(
-        f"{API}/channels", json={"name": name, "is_private": private}, headers=user.headers
-    )
-    assert resp.status == 201, await resp.text()
-    return (await resp.json())["id"]
+from tests.helpers import API, expect_error, make_channel
 
 
 def in_future(seconds: float) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from server.keys import CHANNELS, HUB, STREAMS
-from tests.server.test_sse_stream import make_channel
+from tests.helpers import make_channel
 
 
 @pytest.mark.parametrize("private", [True, False])

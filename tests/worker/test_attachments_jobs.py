@@ -21,11 +21,10 @@ from tests.attachment_helpers import (
     burst_worker,
     failing_unlink,
     file_of,
-    make_channel,
     row_of,
     upload_ok,
 )
-from tests.helpers import API
+from tests.helpers import API, make_channel
 from worker.app import cron_jobs, functions
 from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import delete_attachment_file, retry_attachment_deletions

@@ -22,7 +22,7 @@ from shared.metrics import Metrics
 from shared.services.delayed.queue_stats import QueueStats
 from shared.services.jobs import JobService
 from shared.services.users import UserService
-from tests.helpers import API
+from tests.helpers import API, make_channel
 from worker.app import build_worker, cron_jobs, functions
 
 
@@ -68,8 +68,7 @@ def test_jobs_are_registered():
 
 
 async def test_scheduled_message_is_delivered_on_time(client, alice, settings, db):
-    resp = await client.post(f"{API}/channels", json={"name": "room"}, headers=alice.headers)
-    channel = (await resp.json())["id"]
+    channel = await make_channel(client, alice, "room")
     due = datetime.now(UTC) + timedelta(seconds=0.6)
     resp = await client.post(
         f"{API}/channels/{channel}/delayed-messages",

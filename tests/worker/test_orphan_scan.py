@@ -17,14 +17,8 @@ from shared.services.attachments.orphans import SCAN_LOCK_ID, OrphanScanner
 from shared.services.attachments.service import UPLOAD_LOCK_NS
 from shared.services.attachments.storage import STALE_TEMP_S, new_key
 from shared.services.audit import AuditTrail
-from tests.attachment_helpers import (
-    audit_rows,
-    burst_worker,
-    file_of,
-    files_on_disk,
-    make_channel,
-    upload_ok,
-)
+from tests.attachment_helpers import audit_rows, burst_worker, file_of, files_on_disk, upload_ok
+from tests.helpers import make_channel
 
 OLD = time.time() - 7200  # well past the test grace window
 
