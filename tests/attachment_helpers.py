@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from aiohttp.test_utils import TestClient
 from shared.db.pool import Database
 from shared.settings import Settings
 from tests.helpers import API
-from worker.app import build_worker
 
 
 def form(
@@ -99,12 +98,3 @@ def failing_unlink(
         yield calls
     finally:
         monkeypatch.setattr(os, "unlink", real)
-
-
-@asynccontextmanager
-async def burst_worker(settings: Settings) -> AsyncIterator[Any]:
-    worker = build_worker(settings, burst=True, handle_signals=False, poll_delay=0.05)
-    try:
-        yield worker
-    finally:
-        await worker.close()
