@@ -11,7 +11,7 @@ import aiohttp
 
 from server.keys import CHANNELS, STREAMS
 from tests.helpers import make_channel
-from tests.server.test_sse_support import SSEReader, auth, live_server, wait_for
+from tests.sse_helpers import SSEReader, auth, live_server, raw_stream, wait_for
 
 
 def session_from(ip: str) -> aiohttp.ClientSession:
@@ -24,19 +24,6 @@ async def open_stream(session, url, token, **headers):
     if resp.status == 200:
         await SSEReader(resp.content).until("ready")
     return resp
-
-
-async def raw_stream(port: int, path: str, token: str, ip: str, rcvbuf: int) -> socket.socket:
-    """A client that asks for a stream and then never reads (tiny receive buffer)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((ip, 0))
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
-    await loop.sock_sendall(sock, request.encode())
-    return sock
 
 
 async def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:

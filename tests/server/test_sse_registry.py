@@ -12,7 +12,7 @@ import pytest
 from server.keys import CHANNELS, MESSAGES, STREAMS
 from server.sse.manager import RECONNECT_MS
 from tests.helpers import make_channel
-from tests.server.test_sse_support import SSEReader, auth, live_server, wait_for
+from tests.sse_helpers import SSEReader, auth, live_server, wait_for
 
 
 def assert_empty(manager) -> None:

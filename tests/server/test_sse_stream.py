@@ -11,7 +11,7 @@ from server.keys import MESSAGES, STREAMS
 from server.sse import replay as replay_module
 from tests.health_fields import CONTRACT_FIELDS
 from tests.helpers import make_channel
-from tests.server.test_sse_support import SSEReader, wait_for
+from tests.sse_helpers import SSEReader, wait_for
 
 
 async def post(client, user, channel_id, body) -> dict:
