@@ -343,7 +343,7 @@ async def test_global_cap_holds_across_two_server_processes(
 
 
 @pytest.mark.parametrize("deliver_at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
-async def test_review_deliver_at_out_of_range_after_offset_is_422(client, alice, deliver_at):
+async def test_deliver_at_out_of_range_after_offset_is_422(client, alice, deliver_at):
     """A date that is valid as written but leaves datetime's range once moved to UTC."""
     channel = await make_channel(client, alice)
     resp = await client.post(
@@ -355,7 +355,7 @@ async def test_review_deliver_at_out_of_range_after_offset_is_422(client, alice,
 
 
 @pytest.mark.parametrize("sign", ["", "-"])
-async def test_review_huge_integer_delay_seconds_is_422(client, alice, sign):
+async def test_huge_integer_delay_seconds_is_422(client, alice, sign):
     """An integer too large for a float (valid JSON) is out of range, not a 500."""
     channel = await make_channel(client, alice)
     resp = await client.post(

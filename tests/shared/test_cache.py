@@ -344,7 +344,7 @@ async def test_a_load_that_raced_a_change_is_not_stored(
     assert await redis.exists(channel_cache_key(5))
 
 
-async def test_review_a_caller_after_a_change_does_not_join_an_older_load(
+async def test_a_caller_after_a_change_does_not_join_an_older_load(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
     """A member is removed while a load that read the old membership is in flight: a
