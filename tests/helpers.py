@@ -6,6 +6,10 @@ tests/test_test_imports.py keeps it so."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -52,3 +56,24 @@ async def expect_error(
     if code is not None:
         assert body["error"]["code"] == code, (what, body)
     return dict(body["error"])
+
+
+async def wait_for(
+    check: Callable[[], object | Awaitable[object]],
+    timeout: float = 5.0,
+    what: str = "",
+    *,
+    interval: float = 0.01,
+) -> None:
+    """Poll ``check`` (plain or async) every ``interval`` seconds until it returns
+    something true, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(interval)

@@ -1,15 +1,14 @@
 """Helpers for the SSE tests: a stream reader that parses frames, a real in-process
 server (aiohttp's production runner, not the test server, which cancels handlers when
-clients leave), a raw socket client that never reads, polling with a deadline."""
+clients leave), a raw socket client that never reads."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -88,22 +87,6 @@ class SSEReader:
             out.append(ev)
             if ev.event == stop:
                 return out
-
-
-async def wait_for(
-    check: Callable[[], object | Awaitable[object]], timeout: float = 5.0, what: str = ""
-) -> None:
-    """Poll ``check`` until true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.01)
 
 
 @dataclass

@@ -10,8 +10,8 @@ from contextlib import AsyncExitStack
 import aiohttp
 
 from server.keys import CHANNELS, STREAMS
-from tests.helpers import make_channel
-from tests.sse_helpers import SSEReader, auth, live_server, raw_stream, wait_for
+from tests.helpers import make_channel, wait_for
+from tests.sse_helpers import SSEReader, auth, live_server, raw_stream
 
 
 def session_from(ip: str) -> aiohttp.ClientSession:

@@ -15,7 +15,8 @@ import aiohttp
 
 from shared.db.pool import Database
 from shared.services.users import UserService
-from tests.sse_helpers import SSEReader, auth, live_server, raw_stream, wait_for
+from tests.helpers import wait_for
+from tests.sse_helpers import SSEReader, auth, live_server, raw_stream
 
 SHUTDOWN_S = 2.0
 LISTENING = re.compile(rb"Herald listening on http://127\.0\.0\.1:(\d+)")

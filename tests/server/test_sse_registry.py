@@ -11,8 +11,8 @@ import pytest
 
 from server.keys import CHANNELS, MESSAGES, STREAMS
 from server.sse.manager import RECONNECT_MS
-from tests.helpers import make_channel
-from tests.sse_helpers import SSEReader, auth, live_server, wait_for
+from tests.helpers import make_channel, wait_for
+from tests.sse_helpers import SSEReader, auth, live_server
 
 
 def assert_empty(manager) -> None:

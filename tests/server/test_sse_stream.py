@@ -10,8 +10,8 @@ from server.app import begin_draining
 from server.keys import MESSAGES, STREAMS
 from server.sse import replay as replay_module
 from tests.health_fields import CONTRACT_FIELDS
-from tests.helpers import make_channel
-from tests.sse_helpers import SSEReader, wait_for
+from tests.helpers import make_channel, wait_for
+from tests.sse_helpers import SSEReader
 
 
 async def post(client, user, channel_id, body) -> dict:
