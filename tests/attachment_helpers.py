@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from shared.db.pool import Database
 from shared.settings import Settings
-from worker.app import build_worker
-
-API = "/api/v1"
-
-
-async def make_channel(
-    client: TestClient[Any, Any], user: Any, name: str = "files", *, private: bool = False
-) -> int:
-    resp = await client.post(
-        f"{API}/channels", json={"name": name, "is_private": private}, headers=user.headers
-    )
-    assert resp.status == 201, await resp.text()
-    return int((await resp.json())["id"])
+from tests.helpers import API
 
 
 def form(
@@ -110,12 +98,3 @@ def failing_unlink(
         yield calls
     finally:
         monkeypatch.setattr(os, "unlink", real)
-
-
-@asynccontextmanager
-async def burst_worker(settings: Settings) -> AsyncIterator[Any]:
-    worker = build_worker(settings, burst=True, handle_signals=False, poll_delay=0.05)
-    try:
-        yield worker
-    finally:
-        await worker.close()

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from shared.settings import Settings
 from tests.conftest import _admin, _dsn
+from tests.helpers import wait_for
 
 BIN = Path(sys.executable).parent
 HERALD = str(BIN / "herald")
@@ -98,15 +99,6 @@ async def raw_request(port: int, request: str) -> bytes:
         writer.close()
     assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0], answer
     return answer
-
-
-async def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -260,7 +252,7 @@ async def test_worker_check_follows_a_real_worker(
     async def healthy() -> bool:
         return (await run(herald("worker", "--check"), env, tmp_path)).code == 0
 
-    await wait_for(healthy, 20, "the worker's health-check key")
+    await wait_for(healthy, 20, "the worker's health-check key", interval=0.1)
     worker_proc.send_signal(signal.SIGTERM)
     _, err = await asyncio.wait_for(worker_proc.communicate(), 20)
     assert worker_proc.returncode == 0, err.decode()
@@ -300,7 +292,7 @@ async def test_serve_answers_then_exits_0_on_sigterm(
                 except aiohttp.ClientConnectionError:
                     return False
 
-            await wait_for(up, 20, "the server to answer /health")
+            await wait_for(up, 20, "the server to answer /health", interval=0.1)
             async with session.get(f"http://127.0.0.1:{port}/api/v1/me") as resp:
                 assert resp.status == 401
             # A token in a URL never reaches the access log.

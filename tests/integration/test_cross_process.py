@@ -16,8 +16,8 @@ from server.keys import HUB
 from shared.constants import events_channel
 from shared.settings import Settings
 from tests.conftest import AuthUser
+from tests.helpers import API, make_channel
 
-API = "/api/v1"
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
@@ -88,8 +88,7 @@ async def test_message_posted_on_a_reaches_sse_on_b(
     two: tuple[TestClient[Any, Any], TestClient[Any, Any]], alice: AuthUser, bob: AuthUser
 ) -> None:
     a, b = two
-    resp = await a.post(f"{API}/channels", json={"name": "x-proc"}, headers=alice.headers)
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(a, alice, "x-proc")
     on_b = await open_stream(b, channel_id, bob)
     on_a = await open_stream(a, channel_id, alice)
     try:
@@ -123,8 +122,7 @@ async def test_other_channels_messages_do_not_leak(
     a, b = two
     ids = []
     for name in ("quiet", "noisy"):
-        resp = await a.post(f"{API}/channels", json={"name": name}, headers=alice.headers)
-        ids.append((await resp.json())["id"])
+        ids.append(await make_channel(a, alice, name))
     reader = await open_stream(b, ids[0], alice)
     try:
         await a.post(f"{API}/channels/{ids[1]}/messages", json={"body": "x"}, headers=alice.headers)
@@ -142,10 +140,7 @@ async def test_removal_on_a_revokes_stream_on_b(
     two: tuple[TestClient[Any, Any], TestClient[Any, Any]], alice: AuthUser, bob: AuthUser
 ) -> None:
     a, b = two
-    resp = await a.post(
-        f"{API}/channels", json={"name": "club", "is_private": True}, headers=alice.headers
-    )
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(a, alice, "club", private=True)
     await a.post(
         f"{API}/channels/{channel_id}/members", json={"user_id": bob.id}, headers=alice.headers
     )
@@ -168,10 +163,7 @@ async def test_private_stream_invisible_on_every_process(
     two: tuple[TestClient[Any, Any], TestClient[Any, Any]], alice: AuthUser, bob: AuthUser
 ) -> None:
     a, b = two
-    resp = await a.post(
-        f"{API}/channels", json={"name": "vault", "is_private": True}, headers=alice.headers
-    )
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(a, alice, "vault", private=True)
     for c in (a, b):
         resp = await c.get(f"{API}/channels/{channel_id}/events", headers=bob.headers)
         assert resp.status == 404
@@ -185,8 +177,7 @@ async def test_hub_resubscribes_after_losing_its_redis_connection(
     settings: Settings,
 ) -> None:
     a, b = two
-    resp = await a.post(f"{API}/channels", json={"name": "sturdy"}, headers=alice.headers)
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(a, alice, "sturdy")
     reader = await open_stream(b, channel_id, alice)
     try:
         # Kill both apps' subscriber connections on this test's Redis DB (and only those).

@@ -9,16 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from shared.db.pool import Database, create_pool
+from tests.helpers import API, make_channel, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-API = "/api/v1"
 
 
 def process_env(settings, **extra) -> dict[str, str]:
@@ -80,21 +79,6 @@ def herald_cli(settings, tmp_path, *args, timeout=60) -> subprocess.CompletedPro
     )
 
 
-async def poll(check, deadline_s=20.0, what="condition"):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def make_channel(client, user, name="live"):
-    resp = await client.post(f"{API}/channels", json={"name": name}, headers=user.headers)
-    return (await resp.json())["id"]
-
-
 async def test_worker_killed_mid_delivery_then_restarted_delivers_once(
     client, alice, db, other_db, workers
 ):
@@ -116,7 +100,7 @@ async def test_worker_killed_mid_delivery_then_restarted_delivers_once(
         # the author's row (foreign-key check) while the delayed row is locked.
         await tx.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (alice.id,))
         doomed = workers()
-        await poll(lock_waiters, what="the worker to block mid-delivery")
+        await wait_for(lock_waiters, 20, "the worker to block mid-delivery", interval=0.05)
         doomed.send_signal(signal.SIGKILL)
         assert doomed.wait(10) == -signal.SIGKILL
 
@@ -132,7 +116,7 @@ async def test_worker_killed_mid_delivery_then_restarted_delivers_once(
             return False
 
     # The dead worker's backend finds its client gone and rolls the whole batch back.
-    await poll(row_unlocked, what="the killed worker's transaction to end")
+    await wait_for(row_unlocked, 20, "the killed worker's transaction to end", interval=0.05)
     assert await db.fetchval("SELECT status FROM delayed_messages") == "pending"
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
 
@@ -143,7 +127,7 @@ async def test_worker_killed_mid_delivery_then_restarted_delivers_once(
             "SELECT status = 'delivered' FROM delayed_messages WHERE id = %s", (delayed_id,)
         )
 
-    await poll(delivered, what="delivery after the restart")
+    await wait_for(delivered, 20, "delivery after the restart", interval=0.05)
     assert await db.fetchval("SELECT count(*) FROM messages") == 1
     assert await db.fetchval("SELECT body FROM messages") == "survivor"
 
@@ -151,7 +135,9 @@ async def test_worker_killed_mid_delivery_then_restarted_delivers_once(
 async def test_sse_subscriber_gets_the_delayed_message_on_time(client, alice, workers, redis):
     channel = await make_channel(client, alice)
     workers()
-    await poll(lambda: redis.exists("arq:queue:health-check"), what="the worker to start")
+    await wait_for(
+        lambda: redis.exists("arq:queue:health-check"), 20, "the worker to start", interval=0.05
+    )
     stream = await client.get(f"{API}/channels/{channel}/events", headers=alice.headers)
     assert stream.status == 200
     due = datetime.now(UTC) + timedelta(seconds=1.5)
@@ -267,7 +253,7 @@ async def test_cron_route_and_two_servers_against_a_live_worker(
     body = await resp.json()
     assert (body["status"], body["deleted"], body["batches"]) == ("succeeded", 50, 1)
     # The worker's sampler runs at its start: both servers show its history and the run.
-    await poll(lambda: redis.zcard("herald:queue:samples"), what="a queue sample")
+    await wait_for(lambda: redis.zcard("herald:queue:samples"), 20, "a queue sample", interval=0.05)
     first = (await (await one.get("/health")).json())["queue"]
     second = (await (await two.get("/health")).json())["queue"]
     assert first == second

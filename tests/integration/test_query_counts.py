@@ -14,8 +14,7 @@ from aiohttp.test_utils import TestClient
 from server.keys import DB, METRICS
 from shared.db.pool import Database
 from tests.conftest import AuthUser, UserFactory
-
-API = "/api/v1"
+from tests.helpers import API
 
 
 def total(client: TestClient[Any, Any]) -> int:

@@ -26,7 +26,7 @@ from server.keys import CHANNELS, USERS
 from server.runner import HeraldServer
 from shared.bus import EventBus
 from shared.services.messages import MessageService
-from tests.server.test_sse_support import wait_for
+from tests.helpers import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

@@ -10,7 +10,8 @@ from contextlib import AsyncExitStack
 import aiohttp
 
 from server.keys import CHANNELS, STREAMS
-from tests.server.test_sse_support import SSEReader, auth, live_server, wait_for
+from tests.helpers import make_channel, wait_for
+from tests.sse_helpers import SSEReader, auth, live_server, raw_stream
 
 
 def session_from(ip: str) -> aiohttp.ClientSession:
@@ -23,19 +24,6 @@ async def open_stream(session, url, token, **headers):
     if resp.status == 200:
         await SSEReader(resp.content).until("ready")
     return resp
-
-
-async def raw_stream(port: int, path: str, token: str, ip: str, rcvbuf: int) -> socket.socket:
-    """A client that asks for a stream and then never reads (tiny receive buffer)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((ip, 0))
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
-    await loop.sock_sendall(sock, request.encode())
-    return sock
 
 
 async def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
@@ -202,10 +190,7 @@ async def test_replay_has_no_gap_and_no_duplicate_while_messages_race_in(setting
 
 async def test_revocation_and_messages_across_two_instances(client, make_client, alice, bob):
     """Two apps on one Redis and database: two server processes."""
-    resp = await client.post(
-        "/api/v1/channels", json={"name": "private", "is_private": True}, headers=alice.headers
-    )
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(client, alice, "private", private=True)
     resp = await client.post(
         f"/api/v1/channels/{channel_id}/members", json={"user_id": bob.id}, headers=alice.headers
     )

@@ -15,8 +15,8 @@ import aiohttp
 
 from shared.db.pool import Database
 from shared.services.users import UserService
-from tests.integration.test_sse_network import raw_stream
-from tests.server.test_sse_support import SSEReader, auth, live_server, wait_for
+from tests.helpers import wait_for
+from tests.sse_helpers import SSEReader, auth, live_server, raw_stream
 
 SHUTDOWN_S = 2.0
 LISTENING = re.compile(rb"Herald listening on http://127\.0\.0\.1:(\d+)")

@@ -12,7 +12,8 @@ from dataclasses import replace
 from shared.metrics import Metrics
 from shared.services.audit import AuditTrail
 from shared.services.wiring import attachment_files
-from tests.attachment_helpers import API, audit_rows, files_on_disk, make_channel, upload
+from tests.attachment_helpers import audit_rows, files_on_disk, upload
+from tests.helpers import API, make_channel
 
 
 async def test_mixed_operations_keep_disk_and_database_in_agreement(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from shared.services.attachments.storage import PathRejected, Storage, split_key
-from tests.attachment_helpers import API, audit_rows, file_of, make_channel, row_of, upload_ok
+from tests.attachment_helpers import audit_rows, file_of, row_of, upload_ok
+from tests.helpers import API, make_channel
 from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import delete_attachment_file
 

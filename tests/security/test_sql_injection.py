@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient
 
 from shared.db.pool import Database, Tx
 from tests.conftest import AuthUser, UserFactory
+from tests.helpers import API
 
-API = "/api/v1"
 MARK = "inj7q"  # in every payload: lets the spy find payloads in SQL text
 PAYLOADS = [
     f"{MARK}'; DROP TABLE messages; --",

@@ -16,17 +16,16 @@ from shared.constants import QUEUE_NAME
 from shared.services.attachments import deletions as file_deletions
 from shared.services.audit import AuditTrail
 from tests.attachment_helpers import (
-    API,
     audit_rows,
     failing_unlink,
     file_of,
     files_on_disk,
-    make_channel,
     row_of,
     upload,
     upload_ok,
 )
 from tests.conftest import UserFactory
+from tests.helpers import API, make_channel
 
 
 async def test_upload_download_roundtrip(client, alice, settings, db):

@@ -9,7 +9,8 @@ from urllib.parse import quote
 import pytest
 
 from shared.services.audit import AuditTrail, Entry
-from tests.attachment_helpers import API, make_channel, upload_ok
+from tests.attachment_helpers import upload_ok
+from tests.helpers import API, make_channel
 
 URL = f"{API}/admin/audit"
 

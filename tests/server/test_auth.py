@@ -7,8 +7,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser
-
-API = "/api/v1"
+from tests.helpers import API, make_channel
 
 # Every authenticated foundation route (method, path, JSON body).
 ROUTES: list[tuple[str, str, Any]] = [
@@ -99,8 +98,7 @@ async def test_query_token_ignored_on_lookalike_path(
 async def test_query_token_accepted_on_the_sse_route(
     client: TestClient[Any, Any], alice: AuthUser
 ) -> None:
-    resp = await client.post(f"{API}/channels", json={"name": "live"}, headers=alice.headers)
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(client, alice, "live")
     url = f"{API}/channels/{channel_id}/events"
     resp = await client.get(url, params={"access_token": alice.token})
     try:

@@ -8,20 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser, UserFactory
-
-API = "/api/v1"
-
-
-async def expect_error(
-    resp: Any, status: int, code: str | None = None, what: Any = None
-) -> dict[str, Any]:
-    assert resp.status == status, (what, await resp.text())
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert set(body) == {"error"} and isinstance(body["error"]["message"], str)
-    if code is not None:
-        assert body["error"]["code"] == code, what
-    return dict(body["error"])
+from tests.helpers import API, expect_error
 
 
 async def create(

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient
 from server.app import init_app
 from shared.settings import Settings
 from tests.conftest import AuthUser
+from tests.helpers import API
 
-API = "/api/v1"
 ORIGIN = "https://app.example.com"
 LOCAL = "http://localhost:3000"
 CORS_HEADERS = (

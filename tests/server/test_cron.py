@@ -8,9 +8,10 @@ import time
 import pytest
 
 from shared.constants import QUEUE_NAME
+from tests.helpers import API, expect_error
 from worker.app import build_worker
 
-URL = "/api/v1/cron/cleanup-delayed-messages"
+URL = f"{API}/cron/cleanup-delayed-messages"
 SECRET = "cron-secret-0123456789"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 
@@ -18,10 +19,6 @@ AUTH = {"Authorization": f"Bearer {SECRET}"}
 @pytest.fixture
 async def cron_client(make_client):
     return await make_client(cron_secret=SECRET)
-
-
-async def code_of(resp):
-    return resp.status, (await resp.json())["error"]["code"]
 
 
 async def run_worker_when_queued(settings, redis, deadline_s=10.0):
@@ -40,7 +37,7 @@ async def run_worker_when_queued(settings, redis, deadline_s=10.0):
 async def test_disabled_without_a_secret(client):
     for method in ("GET", "POST"):
         resp = await client.request(method, URL, headers=AUTH)
-        assert await code_of(resp) == (503, "cron_disabled")
+        await expect_error(resp, 503, "cron_disabled")
 
 
 @pytest.mark.parametrize(
@@ -62,15 +59,15 @@ async def test_disabled_without_a_secret(client):
 async def test_wrong_or_missing_secret_is_401(cron_client, headers):
     for method in ("GET", "POST"):
         resp = await cron_client.request(method, URL, headers=headers)
-        assert await code_of(resp) == (401, "unauthorized")
+        await expect_error(resp, 401, "unauthorized")
 
 
 async def test_secret_in_query_or_user_token_does_not_count(cron_client, make_user):
     resp = await cron_client.get(f"{URL}?access_token={SECRET}")
-    assert await code_of(resp) == (401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     user = await make_user("operator", admin=True)
     resp = await cron_client.get(URL, headers=user.headers)
-    assert await code_of(resp) == (401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
 
 
 @pytest.mark.parametrize(
@@ -78,7 +75,7 @@ async def test_secret_in_query_or_user_token_does_not_count(cron_client, make_us
 )
 async def test_bad_wait_is_422(cron_client, wait, redis):
     resp = await cron_client.post(f"{URL}?wait={wait}", headers=AUTH)
-    assert await code_of(resp) == (422, "validation_error")
+    await expect_error(resp, 422, "validation_error")
     assert await redis.zcard(QUEUE_NAME) == 0  # nothing was queued
 
 

@@ -8,15 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-API = "/api/v1"
-
-
-async def make_channel(client, user, name="general", private=False) -> int:
-    resp = await client.post(
-        f"{API}/channels", json={"name": name, "is_private": private}, headers=user.headers
-    )
-    assert resp.status == 201, await resp.text()
-    return (await resp.json())["id"]
+from tests.helpers import API, expect_error, make_channel
 
 
 def in_future(seconds: float) -> str:
@@ -31,11 +23,6 @@ async def fill_queue(db, channel_id: int, author_id: int, n: int) -> None:
         " FROM generate_series(1, %s) g",
         (channel_id, author_id, n),
     )
-
-
-async def error_of(resp) -> tuple[int, str]:
-    body = await resp.json()
-    return resp.status, body["error"]["code"]
 
 
 async def test_schedule_with_delay_seconds(client, alice):
@@ -115,7 +102,7 @@ async def test_schedule_rejects_bad_fields(client, alice, payload):
     resp = await client.post(
         f"{API}/channels/{channel}/delayed-messages", json=payload, headers=alice.headers
     )
-    assert await error_of(resp) == (422, "validation_error")
+    await expect_error(resp, 422, "validation_error")
 
 
 async def test_schedule_body_limits_count_characters(client, alice):
@@ -133,15 +120,15 @@ async def test_schedule_malformed_requests(client, alice):
     channel = await make_channel(client, alice)
     url = f"{API}/channels/{channel}/delayed-messages"
     resp = await client.post(url, data=b"{not json", headers=alice.headers)
-    assert await error_of(resp) == (400, "invalid_json")
+    await expect_error(resp, 400, "invalid_json")
     resp = await client.post(url, json=["body"], headers=alice.headers)
-    assert await error_of(resp) == (422, "validation_error")
+    await expect_error(resp, 422, "validation_error")
     resp = await client.post(url, data=b"\xff\xfe", headers=alice.headers)
-    assert await error_of(resp) == (400, "invalid_json")
+    await expect_error(resp, 400, "invalid_json")
     resp = await client.post(url, data=io.BytesIO(b"x" * (2 * 1024 * 1024)), headers=alice.headers)
     assert resp.status == 413
     resp = await client.post(url, json={"body": "x", "delay_seconds": 5})
-    assert await error_of(resp) == (401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     for bad in ("abc", "0", "-1", "1.5", "99999999999999999999", "%00", "..%2f..%2fetc"):
         resp = await client.post(
             f"{API}/channels/{bad}/delayed-messages",
@@ -154,7 +141,7 @@ async def test_schedule_malformed_requests(client, alice):
         json={"body": "x", "delay_seconds": 5},
         headers=alice.headers,
     )
-    assert await error_of(resp) == (404, "channel_not_found")
+    await expect_error(resp, 404, "channel_not_found")
 
 
 async def test_schedule_needs_the_right_to_post(client, alice, bob):
@@ -164,7 +151,7 @@ async def test_schedule_needs_the_right_to_post(client, alice, bob):
         json={"body": "x", "delay_seconds": 5},
         headers=bob.headers,
     )
-    assert await error_of(resp) == (404, "channel_not_found")
+    await expect_error(resp, 404, "channel_not_found")
 
 
 async def test_list_own_and_filter(client, alice, bob):
@@ -213,7 +200,7 @@ async def test_list_own_and_filter(client, alice, bob):
 )
 async def test_list_rejects_bad_query(client, alice, query):
     resp = await client.get(f"{API}/delayed-messages?{query}", headers=alice.headers)
-    assert await error_of(resp) == (422, "validation_error")
+    await expect_error(resp, 422, "validation_error")
 
 
 async def test_cancel_cases(client, alice, bob, db):
@@ -225,15 +212,12 @@ async def test_cancel_cases(client, alice, bob, db):
     )
     delayed_id = (await resp.json())["id"]
     url = f"{API}/delayed-messages/{delayed_id}"
-    assert await error_of(await client.delete(url, headers=bob.headers)) == (
-        404,
-        "delayed_message_not_found",
-    )
+    resp = await client.delete(url, headers=bob.headers)
+    await expect_error(resp, 404, "delayed_message_not_found")
     assert (await client.delete(url, headers=alice.headers)).status == 204
-    assert await error_of(await client.delete(url, headers=alice.headers)) == (409, "not_pending")
-    assert await error_of(
-        await client.delete(f"{API}/delayed-messages/424242", headers=alice.headers)
-    ) == (404, "delayed_message_not_found")
+    await expect_error(await client.delete(url, headers=alice.headers), 409, "not_pending")
+    resp = await client.delete(f"{API}/delayed-messages/424242", headers=alice.headers)
+    await expect_error(resp, 404, "delayed_message_not_found")
     for bad in ("abc", "0", "1e3", "99999999999999999999"):
         resp = await client.delete(f"{API}/delayed-messages/{bad}", headers=alice.headers)
         assert resp.status in (404, 422)
@@ -315,7 +299,7 @@ async def test_one_user_cannot_fill_the_queue(make_client, make_user, db):
     filler, dave = await make_user("filler"), await make_user("dave")
     await fill_queue(db, channel, filler.id, 30 - 11)
     resp = await client.post(url, json={"body": "over", "delay_seconds": 60}, headers=dave.headers)
-    assert await error_of(resp) == (503, "queue_full")
+    await expect_error(resp, 503, "queue_full")
 
 
 async def test_schedule_queues_one_delivery_job_per_tick(client, alice, redis):
@@ -359,7 +343,7 @@ async def test_global_cap_holds_across_two_server_processes(
 
 
 @pytest.mark.parametrize("deliver_at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
-async def test_review_deliver_at_out_of_range_after_offset_is_422(client, alice, deliver_at):
+async def test_deliver_at_out_of_range_after_offset_is_422(client, alice, deliver_at):
     """A date that is valid as written but leaves datetime's range once moved to UTC."""
     channel = await make_channel(client, alice)
     resp = await client.post(
@@ -367,11 +351,11 @@ async def test_review_deliver_at_out_of_range_after_offset_is_422(client, alice,
         json={"body": "x", "deliver_at": deliver_at},
         headers=alice.headers,
     )
-    assert await error_of(resp) == (422, "validation_error")
+    await expect_error(resp, 422, "validation_error")
 
 
 @pytest.mark.parametrize("sign", ["", "-"])
-async def test_review_huge_integer_delay_seconds_is_422(client, alice, sign):
+async def test_huge_integer_delay_seconds_is_422(client, alice, sign):
     """An integer too large for a float (valid JSON) is out of range, not a 500."""
     channel = await make_channel(client, alice)
     resp = await client.post(
@@ -379,4 +363,4 @@ async def test_review_huge_integer_delay_seconds_is_422(client, alice, sign):
         data='{"body": "x", "delay_seconds": ' + sign + "1" + "0" * 400 + "}",
         headers={**alice.headers, "Content-Type": "application/json"},
     )
-    assert await error_of(resp) == (422, "validation_error")
+    await expect_error(resp, 422, "validation_error")

@@ -6,8 +6,7 @@ from shared.metrics import Metrics
 from shared.services.delayed.cleanup import CleanupService
 from shared.services.delayed.queue_stats import QueueStats
 from tests.health_fields import CLEANUP_FIELDS, CONTRACT_FIELDS
-
-API = "/api/v1"
+from tests.helpers import API, make_channel
 
 
 async def schedule(client, user, channel, n):
@@ -18,11 +17,6 @@ async def schedule(client, user, channel, n):
             headers=user.headers,
         )
         assert resp.status == 202
-
-
-async def new_channel(client, user, name="health"):
-    resp = await client.post(f"{API}/channels", json={"name": name}, headers=user.headers)
-    return (await resp.json())["id"]
 
 
 async def queue_of(client):
@@ -42,7 +36,7 @@ async def test_queue_section_shape_when_empty(client, settings):
 
 async def test_two_servers_report_the_same_figures(client, make_client, alice, db, redis, settings):
     other = await make_client()
-    channel = await new_channel(client, alice)
+    channel = await make_channel(client, alice)
     await schedule(client, alice, channel, 4)
     await schedule(other, alice, channel, 3)
     # The worker's sampler writes the history both servers read.
@@ -57,7 +51,7 @@ async def test_two_servers_report_the_same_figures(client, make_client, alice, d
 async def test_alert_degrades_health(make_client, alice, make_user):
     client = await make_client(queue_max=10, queue_alert=3)
     bob = await make_user("bob2")
-    channel = await new_channel(client, bob)
+    channel = await make_channel(client, bob)
     await schedule(client, bob, channel, 2)
     status, queue = await queue_of(client)
     assert queue["alert"] is False
@@ -93,7 +87,7 @@ async def test_cleanup_failure_shows_in_health_and_metrics(client, db, settings)
 async def test_rejections_are_counted(make_client, make_user):
     client = await make_client(queue_max=2, queue_alert=2, queue_max_per_user=1)
     a, b, c = [await make_user(name) for name in ("qa", "qb", "qc")]
-    channel = await new_channel(client, a, "counted")
+    channel = await make_channel(client, a, "counted")
     await schedule(client, a, channel, 1)
     resp = await client.post(
         f"{API}/channels/{channel}/delayed-messages",

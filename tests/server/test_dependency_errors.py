@@ -12,9 +12,8 @@ from server.middlewares import DEPENDENCY_ERRORS, error_middleware
 from shared.db.migrate import migrate
 from shared.db.pool import Database, create_pool
 from tests.conftest import ADMIN_DSN
+from tests.helpers import API
 from tests.scratchdb import admin_exec, dsn_for
-
-API = "/api/v1"
 
 
 @pytest.mark.parametrize("exc_type", [*DEPENDENCY_ERRORS, TimeoutError])

@@ -16,6 +16,7 @@ from shared.constants import WORKER_HEALTH_KEY
 from shared.settings import Settings
 from tests.conftest import AuthUser
 from tests.health_fields import CLEANUP_FIELDS, CONTRACT_FIELDS
+from tests.helpers import make_channel
 from worker.app import build_worker
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -134,8 +135,7 @@ async def test_health_ignores_credentials_and_query(
 
 
 async def test_metrics_is_prometheus_text(client: TestClient[Any, Any], alice: AuthUser) -> None:
-    resp = await client.post("/api/v1/channels", json={"name": "m"}, headers=alice.headers)
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(client, alice, "m")
     await client.post(
         f"/api/v1/channels/{channel_id}/messages", json={"body": "x"}, headers=alice.headers
     )

@@ -8,26 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser, UserFactory
-
-API = "/api/v1"
-
-
-async def expect_error(resp: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    if code is not None:
-        assert body["error"]["code"] == code
-    return dict(body["error"])
-
-
-async def new_channel(
-    client: TestClient[Any, Any], owner: AuthUser, name: str, private: bool = False
-) -> str:
-    resp = await client.post(
-        f"{API}/channels", json={"name": name, "is_private": private}, headers=owner.headers
-    )
-    assert resp.status == 201
-    return f"{API}/channels/{(await resp.json())['id']}"
+from tests.helpers import API, channel_path, expect_error, make_channel
 
 
 async def member_count(client: TestClient[Any, Any], url: str, user: AuthUser) -> int:
@@ -37,7 +18,7 @@ async def member_count(client: TestClient[Any, Any], url: str, user: AuthUser) -
 
 
 async def test_add_and_remove(client: TestClient[Any, Any], alice: AuthUser, bob: AuthUser) -> None:
-    url = await new_channel(client, alice, "team")
+    url = channel_path(await make_channel(client, alice, "team"))
     resp = await client.post(f"{url}/members", json={"user_id": bob.id}, headers=alice.headers)
     assert resp.status == 204 and await resp.read() == b""
     assert await member_count(client, url, alice) == 2
@@ -58,7 +39,7 @@ async def test_add_and_remove(client: TestClient[Any, Any], alice: AuthUser, bob
 async def test_join_and_leave_public_channel_yourself(
     client: TestClient[Any, Any], alice: AuthUser, bob: AuthUser
 ) -> None:
-    url = await new_channel(client, alice, "open")
+    url = channel_path(await make_channel(client, alice, "open"))
     resp = await client.post(f"{url}/members", json={"user_id": bob.id}, headers=bob.headers)
     assert resp.status == 204
     resp = await client.delete(f"{url}/members/{bob.id}", headers=bob.headers)
@@ -73,7 +54,7 @@ async def test_permissions(
     make_user: UserFactory,
 ) -> None:
     carol = await make_user("carol")
-    url = await new_channel(client, alice, "perm")
+    url = channel_path(await make_channel(client, alice, "perm"))
     await client.post(f"{url}/members", json={"user_id": bob.id}, headers=bob.headers)
     # A plain member may not add or remove others.
     await expect_error(
@@ -94,7 +75,7 @@ async def test_permissions(
 async def test_private_channel_members_routes_are_404_for_outsiders(
     client: TestClient[Any, Any], alice: AuthUser, bob: AuthUser
 ) -> None:
-    url = await new_channel(client, alice, "hush", private=True)
+    url = channel_path(await make_channel(client, alice, "hush", private=True))
     # Joining yourself needs the channel to be visible first.
     await expect_error(
         await client.post(f"{url}/members", json={"user_id": bob.id}, headers=bob.headers),
@@ -115,7 +96,7 @@ async def test_private_channel_members_routes_are_404_for_outsiders(
 
 
 async def test_unknown_user_and_channel(client: TestClient[Any, Any], alice: AuthUser) -> None:
-    url = await new_channel(client, alice, "x")
+    url = channel_path(await make_channel(client, alice, "x"))
     await expect_error(
         await client.post(f"{url}/members", json={"user_id": 987654}, headers=alice.headers),
         404,
@@ -160,7 +141,7 @@ BAD_USER_IDS = [
 
 
 async def test_add_validation(client: TestClient[Any, Any], alice: AuthUser) -> None:
-    url = await new_channel(client, alice, "v")
+    url = channel_path(await make_channel(client, alice, "v"))
     for payload in INVALID_ADDS:
         resp = await client.post(f"{url}/members", json=payload, headers=alice.headers)
         error = await expect_error(resp, 422)
@@ -168,7 +149,7 @@ async def test_add_validation(client: TestClient[Any, Any], alice: AuthUser) -> 
 
 
 async def test_remove_bad_user_id(client: TestClient[Any, Any], alice: AuthUser) -> None:
-    url = await new_channel(client, alice, "w")
+    url = channel_path(await make_channel(client, alice, "w"))
     for user_id in BAD_USER_IDS:
         resp = await client.delete(f"{url}/members/{user_id}", headers=alice.headers)
         error = await expect_error(resp, 422)
@@ -176,7 +157,7 @@ async def test_remove_bad_user_id(client: TestClient[Any, Any], alice: AuthUser)
 
 
 async def test_remove_huge_but_valid_user_id(client: TestClient[Any, Any], alice: AuthUser) -> None:
-    url = await new_channel(client, alice, "h")
+    url = channel_path(await make_channel(client, alice, "h"))
     resp = await client.delete(f"{url}/members/{2**63 - 1}", headers=alice.headers)
     await expect_error(resp, 404, "member_not_found")
 
@@ -184,7 +165,7 @@ async def test_remove_huge_but_valid_user_id(client: TestClient[Any, Any], alice
 async def test_concurrent_adds_and_removes(
     client: TestClient[Any, Any], alice: AuthUser, make_user: UserFactory
 ) -> None:
-    url = await new_channel(client, alice, "busy")
+    url = channel_path(await make_channel(client, alice, "busy"))
     users = [await make_user(f"m{i}") for i in range(15)]
     adds = await asyncio.gather(
         *(
@@ -210,7 +191,7 @@ async def test_adding_while_the_channel_is_deleted(
     client: TestClient[Any, Any], alice: AuthUser, make_user: UserFactory
 ) -> None:
     """An add racing a delete gets 204 or 404, never a 500."""
-    url = await new_channel(client, alice, "doomed")
+    url = channel_path(await make_channel(client, alice, "doomed"))
     users = [await make_user(f"late{i}") for i in range(20)]
     adds = [
         client.post(f"{url}/members", json={"user_id": u.id}, headers=alice.headers) for u in users

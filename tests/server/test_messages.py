@@ -9,23 +9,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser
-
-API = "/api/v1"
-
-
-async def expect_error(resp: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    if code is not None:
-        assert body["error"]["code"] == code
-    return dict(body["error"])
+from tests.helpers import API, channel_path, expect_error, make_channel
 
 
 @pytest.fixture
 async def channel_url(client: TestClient[Any, Any], alice: AuthUser) -> str:
-    resp = await client.post(f"{API}/channels", json={"name": "talk"}, headers=alice.headers)
-    assert resp.status == 201
-    return f"{API}/channels/{(await resp.json())['id']}"
+    return channel_path(await make_channel(client, alice, "talk"))
 
 
 async def post(client: TestClient[Any, Any], url: str, user: AuthUser, body: str) -> Any:
@@ -156,10 +145,7 @@ async def test_list_bad_query(
 async def test_private_channel_messages_invisible(
     client: TestClient[Any, Any], alice: AuthUser, bob: AuthUser
 ) -> None:
-    resp = await client.post(
-        f"{API}/channels", json={"name": "dm", "is_private": True}, headers=alice.headers
-    )
-    url = f"{API}/channels/{(await resp.json())['id']}"
+    url = channel_path(await make_channel(client, alice, "dm", private=True))
     assert (await post(client, url, alice, "secret")).status == 201
     await expect_error(await post(client, url, bob, "let me in"), 404, "channel_not_found")
     await expect_error(

@@ -11,7 +11,8 @@ import pytest
 
 from server.keys import CHANNELS, MESSAGES, STREAMS
 from server.sse.manager import RECONNECT_MS
-from tests.server.test_sse_support import SSEReader, auth, live_server, wait_for
+from tests.helpers import make_channel, wait_for
+from tests.sse_helpers import SSEReader, auth, live_server
 
 
 def assert_empty(manager) -> None:
@@ -103,8 +104,7 @@ async def test_error_after_headers_drops_connection_and_leaves(settings):
 
 async def test_cancelled_handler_leaves(client, alice):
     """aiohttp's test server cancels a handler when its client leaves."""
-    resp = await client.post("/api/v1/channels", json={"name": "c"}, headers=alice.headers)
-    channel_id = (await resp.json())["id"]
+    channel_id = await make_channel(client, alice, "c")
     manager = client.app[STREAMS]
     resp = await client.get(f"/api/v1/channels/{channel_id}/events", headers=alice.headers)
     await SSEReader(resp.content).until("ready")
@@ -139,10 +139,7 @@ async def test_shutdown_closes_every_stream_and_leaves(settings):
 
 
 async def test_refused_and_not_found_leave_nothing(client, alice, bob, make_client):
-    resp = await client.post(
-        "/api/v1/channels", json={"name": "secret", "is_private": True}, headers=alice.headers
-    )
-    secret = (await resp.json())["id"]
+    secret = await make_channel(client, alice, "secret", private=True)
     manager = client.app[STREAMS]
     resp = await client.get(f"/api/v1/channels/{secret}/events", headers=bob.headers)
     assert resp.status == 404

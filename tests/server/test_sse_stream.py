@@ -10,15 +10,8 @@ from server.app import begin_draining
 from server.keys import MESSAGES, STREAMS
 from server.sse import replay as replay_module
 from tests.health_fields import CONTRACT_FIELDS
-from tests.server.test_sse_support import SSEReader, wait_for
-
-
-async def make_channel(client, owner, name="general", private=False) -> int:
-    resp = await client.post(
-        "/api/v1/channels", json={"name": name, "is_private": private}, headers=owner.headers
-    )
-    assert resp.status == 201, await resp.text()
-    return (await resp.json())["id"]
+from tests.helpers import make_channel, wait_for
+from tests.sse_helpers import SSEReader
 
 
 async def post(client, user, channel_id, body) -> dict:

@@ -23,8 +23,8 @@ from shared.models import User
 from shared.services.channels import DETAIL_SQL
 from shared.settings import Settings
 from tests.conftest import AuthUser, UserFactory
+from tests.helpers import API, make_channel
 
-API = "/api/v1"
 DETAIL = normalise(DETAIL_SQL)
 
 
@@ -43,16 +43,6 @@ def statements(client: TestClient[Any, Any]) -> int:
     return monitor.request_statements_total
 
 
-async def new_channel(
-    client: TestClient[Any, Any], owner: AuthUser, name: str, *, private: bool = False
-) -> int:
-    resp = await client.post(
-        f"{API}/channels", json={"name": name, "is_private": private}, headers=owner.headers
-    )
-    assert resp.status == 201, await resp.text()
-    return int((await resp.json())["id"])
-
-
 async def get(client: TestClient[Any, Any], user: AuthUser, channel_id: int) -> Any:
     resp = await client.get(f"{API}/channels/{channel_id}", headers=user.headers)
     return resp.status, await resp.json()
@@ -67,7 +57,7 @@ def entry(channel_id: int, *, name: str = "x", private: bool = False, members: A
 async def test_second_detail_read_is_a_hit_with_zero_queries(
     client: TestClient[Any, Any], alice: AuthUser, redis: aioredis.Redis
 ) -> None:
-    cid = await new_channel(client, alice, "general")
+    cid = await make_channel(client, alice, "general")
     status, first = await get(client, alice, cid)
     assert status == 200 and detail_loads(client) == 1
     before = statements(client)
@@ -84,7 +74,7 @@ async def test_second_detail_read_is_a_hit_with_zero_queries(
 async def test_cached_json_is_the_uncached_json(
     client: TestClient[Any, Any], make_client: Any, alice: AuthUser, bob: AuthUser
 ) -> None:
-    cid = await new_channel(client, alice, "same-json", private=True)
+    cid = await make_channel(client, alice, "same-json", private=True)
     await client.post(
         f"{API}/channels/{cid}/members", json={"user_id": bob.id}, headers=alice.headers
     )
@@ -105,7 +95,7 @@ async def test_ttl_zero_turns_caching_off(
 ) -> None:
     client = await make_client(cache_ttl_s=0)
     owner = await make_user("owner")
-    cid = await new_channel(client, owner, "nocache")
+    cid = await make_channel(client, owner, "nocache")
     for _ in range(3):
         status, _ = await get(client, owner, cid)
         assert status == 200
@@ -118,7 +108,7 @@ async def test_every_change_on_one_process_is_seen_by_another(
     client: TestClient[Any, Any], make_client: Any, alice: AuthUser, bob: AuthUser
 ) -> None:
     other = await make_client()
-    cid = await new_channel(client, alice, "before")
+    cid = await make_channel(client, alice, "before")
     assert (await get(other, alice, cid))[1]["name"] == "before"
     await get(other, alice, cid)
     hits = other.app[CACHE].stats()["channel"]["hits"]
@@ -154,7 +144,7 @@ async def test_a_cached_absent_channel_is_dropped_when_created(
     # Ids are sequential: ask for the next one before it exists, then create it.
     assert (await get(client, alice, 1))[0] == 404
     assert (await get(client, alice, 1))[0] == 404  # now from the cache
-    cid = await new_channel(client, alice, "late")
+    cid = await make_channel(client, alice, "late")
     assert cid == 1
     status, body = await get(client, alice, cid)
     assert status == 200 and body["name"] == "late"
@@ -169,7 +159,7 @@ async def test_private_channel_never_served_to_a_non_member(
     admin: AuthUser,
 ) -> None:
     other = await make_client()
-    cid = await new_channel(client, alice, "secret", private=True)
+    cid = await make_channel(client, alice, "secret", private=True)
     assert (await get(client, alice, cid))[0] == 200  # cached now, members included
     loads = detail_loads(client) + detail_loads(other)
     status, body = await get(other, bob, cid)
@@ -184,7 +174,7 @@ async def test_private_channel_never_served_to_a_non_member(
     await client.delete(f"{API}/channels/{cid}/members/{bob.id}", headers=alice.headers)
     assert (await get(other, bob, cid))[0] == 404  # revoked at once, not after the TTL
     # A public channel answers everyone from the same entry.
-    pub = await new_channel(client, alice, "open")
+    pub = await make_channel(client, alice, "open")
     await get(client, alice, pub)
     assert (await get(other, bob, pub))[0] == 200
 
@@ -192,7 +182,7 @@ async def test_private_channel_never_served_to_a_non_member(
 async def test_large_private_channel_membership(
     client: TestClient[Any, Any], alice: AuthUser, app_db: Database
 ) -> None:
-    cid = await new_channel(client, alice, "big-private", private=True)
+    cid = await make_channel(client, alice, "big-private", private=True)
     await app_db.execute(
         "INSERT INTO users (name, token_hash)"
         " SELECT 'm' || g, sha256(('t' || g)::bytea) FROM generate_series(1, 3000) g"
@@ -228,7 +218,7 @@ async def test_stampede_on_a_cold_key_loads_once_across_processes(
     client: TestClient[Any, Any], make_client: Any, alice: AuthUser
 ) -> None:
     other = await make_client()
-    cid = await new_channel(client, alice, "hot")
+    cid = await make_channel(client, alice, "hot")
     await client.get(f"{API}/me", headers=alice.headers)  # token cached in both
     results = await asyncio.gather(
         *(get(client if i % 2 else other, alice, cid) for i in range(40))
@@ -354,7 +344,7 @@ async def test_a_load_that_raced_a_change_is_not_stored(
     assert await redis.exists(channel_cache_key(5))
 
 
-async def test_review_a_caller_after_a_change_does_not_join_an_older_load(
+async def test_a_caller_after_a_change_does_not_join_an_older_load(
     settings: Settings, redis: aioredis.Redis
 ) -> None:
     """A member is removed while a load that read the old membership is in flight: a
@@ -434,7 +424,7 @@ async def test_token_cache_is_keyed_by_hash_and_never_holds_the_token(
 async def test_hits_misses_invalidations_in_metrics_and_health(
     client: TestClient[Any, Any], alice: AuthUser
 ) -> None:
-    cid = await new_channel(client, alice, "counted")
+    cid = await make_channel(client, alice, "counted")
     await get(client, alice, cid)
     await get(client, alice, cid)
     await client.patch(f"{API}/channels/{cid}", json={"topic": "t"}, headers=alice.headers)

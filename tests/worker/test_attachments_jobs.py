@@ -17,17 +17,14 @@ from shared.constants import (
 from shared.services.attachments import deletions as file_deletions
 from shared.services.audit import AuditTrail
 from tests.attachment_helpers import (
-    API,
     audit_rows,
-    burst_worker,
     failing_unlink,
     file_of,
-    make_channel,
     row_of,
     upload_ok,
 )
+from tests.helpers import API, make_channel
 from worker.app import cron_jobs, functions
-from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import delete_attachment_file, retry_attachment_deletions
 
 FAST = (0.02, 0.04, 0.08)
@@ -53,25 +50,20 @@ def test_registered_functions_and_daily_cron():
     assert len(scan.hour) == 1 and len(scan.minute) == 1  # once a day
 
 
-async def test_production_schedule_is_1_2_4(client, alice, settings, db, monkeypatch):
+async def test_production_schedule_is_1_2_4(client, alice, settings, db, monkeypatch, worker_ctx):
     """Each try computes its own defer from the real schedule; no waiting needed."""
     assert file_deletions.DELETE_RETRY_BACKOFF_S == (1.0, 2.0, 4.0)
     channel = await make_channel(client, alice)
     att = await upload_ok(client, alice, channel)
     path = await file_of(db, settings, att["id"])
-    wctx = await open_context(settings)
-    ctx = {CTX_KEY: wctx}
-    try:
-        with failing_unlink(monkeypatch, lambda n: n == path.name):
-            await delete_with_failing_disk(client, alice, att["id"])
-            defers = []
-            for job_try in (1, 2):
-                with pytest.raises(Retry) as info:
-                    await delete_attachment_file({**ctx, "job_try": job_try}, att["id"])
-                defers.append(info.value.defer_score)
-            outcome = await delete_attachment_file({**ctx, "job_try": 3}, att["id"])
-    finally:
-        await close_context(wctx)
+    with failing_unlink(monkeypatch, lambda n: n == path.name):
+        await delete_with_failing_disk(client, alice, att["id"])
+        defers = []
+        for job_try in (1, 2):
+            with pytest.raises(Retry) as info:
+                await delete_attachment_file({**worker_ctx, "job_try": job_try}, att["id"])
+            defers.append(info.value.defer_score)
+        outcome = await delete_attachment_file({**worker_ctx, "job_try": 3}, att["id"])
     assert defers == [2000, 4000]  # the 1 s step was the server's enqueue delay
     assert outcome == file_deletions.GAVE_UP
     retries = await audit_rows(db, "attachment.file_delete_retry")
@@ -79,15 +71,14 @@ async def test_production_schedule_is_1_2_4(client, alice, settings, db, monkeyp
 
 
 async def test_three_failed_retries_end_in_delete_failed(
-    client, alice, settings, db, fast_backoff, monkeypatch
+    client, alice, settings, db, fast_backoff, monkeypatch, burst_worker
 ):
     channel = await make_channel(client, alice)
     att = await upload_ok(client, alice, channel, b"keep me")
     path = await file_of(db, settings, att["id"])
     with failing_unlink(monkeypatch, lambda n: n == path.name) as calls:
         await delete_with_failing_disk(client, alice, att["id"])
-        async with burst_worker(settings) as worker:
-            await worker.async_run()
+        await burst_worker().async_run()
     assert calls["failed"] == 4  # the request's attempt + 3 retries
     assert path.read_bytes() == b"keep me"  # never a file without a record...
     row = await row_of(db, att["id"])
@@ -111,7 +102,9 @@ async def test_three_failed_retries_end_in_delete_failed(
     assert resp.status == 404
 
 
-async def test_retry_succeeds_on_second_try(client, alice, settings, db, fast_backoff, monkeypatch):
+async def test_retry_succeeds_on_second_try(
+    client, alice, settings, db, fast_backoff, monkeypatch, burst_worker
+):
     channel = await make_channel(client, alice)
     att = await upload_ok(client, alice, channel)
     path = await file_of(db, settings, att["id"])
@@ -125,8 +118,7 @@ async def test_retry_succeeds_on_second_try(client, alice, settings, db, fast_ba
 
     with failing_unlink(monkeypatch, flaky):
         await delete_with_failing_disk(client, alice, att["id"])
-        async with burst_worker(settings) as worker:
-            await worker.async_run()
+        await burst_worker().async_run()
     assert not path.exists()
     assert (await row_of(db, att["id"]))["state"] == "deleted"
     retries = await audit_rows(db, "attachment.file_delete_retry")
@@ -135,7 +127,7 @@ async def test_retry_succeeds_on_second_try(client, alice, settings, db, fast_ba
 
 
 async def test_retry_finds_file_already_gone(
-    client, alice, settings, db, fast_backoff, monkeypatch
+    client, alice, settings, db, fast_backoff, monkeypatch, burst_worker
 ):
     channel = await make_channel(client, alice)
     att = await upload_ok(client, alice, channel)
@@ -144,45 +136,33 @@ async def test_retry_finds_file_already_gone(
         await delete_with_failing_disk(client, alice, att["id"])
     # Someone removed it by hand before the retry ran.
     path.unlink()
-    async with burst_worker(settings) as worker:
-        await worker.async_run()
+    await burst_worker().async_run()
     assert (await row_of(db, att["id"]))["state"] == "deleted"
     retries = await audit_rows(db, "attachment.file_delete_retry")
     assert [r["result"] for r in retries] == ["failed", "missing"]
 
 
-async def test_retry_job_for_unknown_or_done_rows_is_a_no_op(settings, db):
-    wctx = await open_context(settings)
-    try:
-        ctx = {CTX_KEY: wctx, "job_try": 1}
-        assert await delete_attachment_file(ctx, 12345) == file_deletions.SKIPPED
-        assert await delete_attachment_file(ctx, 12345, dry_run=True) == "dry_run"
-    finally:
-        await close_context(wctx)
+async def test_retry_job_for_unknown_or_done_rows_is_a_no_op(db, worker_ctx):
+    assert await delete_attachment_file(worker_ctx, 12345) == file_deletions.SKIPPED
+    assert await delete_attachment_file(worker_ctx, 12345, dry_run=True) == "dry_run"
     assert await audit_rows(db) == []
 
 
 async def test_retry_sweep_recovers_delete_failed(
-    client, alice, settings, db, redis, fast_backoff, monkeypatch
+    client, alice, settings, db, redis, fast_backoff, monkeypatch, burst_worker, worker_ctx
 ):
     channel = await make_channel(client, alice)
     att = await upload_ok(client, alice, channel)
     path = await file_of(db, settings, att["id"])
     with failing_unlink(monkeypatch, lambda n: n == path.name):
         await delete_with_failing_disk(client, alice, att["id"])
-        async with burst_worker(settings) as worker:
-            await worker.async_run()
+        await burst_worker().async_run()
     assert (await row_of(db, att["id"]))["state"] == "delete_failed"
-    wctx = await open_context(settings)
-    try:
-        ctx = {CTX_KEY: wctx, "job_try": 1}
-        dry = await retry_attachment_deletions(ctx, dry_run=True)
-        assert dry["candidates"] == 1 and dry["removed"] == 0 and dry["dry_run"] is True
-        assert path.exists()
-        # The operator fixed the disk; the sweep finishes the job.
-        done = await retry_attachment_deletions(ctx)
-    finally:
-        await close_context(wctx)
+    dry = await retry_attachment_deletions(worker_ctx, dry_run=True)
+    assert dry["candidates"] == 1 and dry["removed"] == 0 and dry["dry_run"] is True
+    assert path.exists()
+    # The operator fixed the disk; the sweep finishes the job.
+    done = await retry_attachment_deletions(worker_ctx)
     assert done["removed"] == 1
     assert not path.exists()
     assert (await row_of(db, att["id"]))["state"] == "deleted"
@@ -190,7 +170,7 @@ async def test_retry_sweep_recovers_delete_failed(
     assert last["result"] == "ok" and last["details"]["source"] == "sweep"
 
 
-async def test_sweep_takes_over_stale_deleting_rows(client, alice, settings, db):
+async def test_sweep_takes_over_stale_deleting_rows(client, alice, settings, db, worker_ctx):
     """A 'deleting' row whose retry job was lost (worker crash, Redis down)."""
     channel = await make_channel(client, alice)
     att = await upload_ok(client, alice, channel)
@@ -202,18 +182,14 @@ async def test_sweep_takes_over_stale_deleting_rows(client, alice, settings, db)
     )
     fresh = await upload_ok(client, alice, channel)
     await db.execute("UPDATE attachments SET state = 'deleting' WHERE id = %s", (fresh["id"],))
-    wctx = await open_context(settings)
-    try:
-        summary = await retry_attachment_deletions({CTX_KEY: wctx, "job_try": 1})
-    finally:
-        await close_context(wctx)
+    summary = await retry_attachment_deletions(worker_ctx)
     assert summary["candidates"] == 1 and summary["removed"] == 1
     assert not path.exists()
     assert (await file_of(db, settings, fresh["id"])).exists()  # its own job still owns it
 
 
 async def test_enqueued_retry_runs_via_queue_name(
-    client, alice, settings, db, redis, fast_backoff, monkeypatch
+    client, alice, settings, db, redis, fast_backoff, monkeypatch, burst_worker
 ):
     channel = await make_channel(client, alice)
     att = await upload_ok(client, alice, channel)
@@ -221,7 +197,6 @@ async def test_enqueued_retry_runs_via_queue_name(
     with failing_unlink(monkeypatch, lambda n: n == path.name):
         await delete_with_failing_disk(client, alice, att["id"])
     assert await redis.zcard(QUEUE_NAME) == 1
-    async with burst_worker(settings) as worker:
-        await worker.async_run()
+    await burst_worker().async_run()
     assert await redis.zcard(QUEUE_NAME) == 0
     assert not path.exists()

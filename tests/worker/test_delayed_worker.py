@@ -22,18 +22,8 @@ from shared.metrics import Metrics
 from shared.services.delayed.queue_stats import QueueStats
 from shared.services.jobs import JobService
 from shared.services.users import UserService
-from worker.app import build_worker, cron_jobs, functions
-
-API = "/api/v1"
-
-
-async def run_burst(settings, **kw):
-    worker = build_worker(settings, burst=True, handle_signals=False, poll_delay=0.05, **kw)
-    try:
-        await worker.async_run()
-    finally:
-        await worker.close()
-    return worker
+from tests.helpers import API, make_channel
+from worker.app import cron_jobs, functions
 
 
 @pytest.fixture
@@ -68,9 +58,8 @@ def test_jobs_are_registered():
     assert sweep.run_at_startup and sweep.unique
 
 
-async def test_scheduled_message_is_delivered_on_time(client, alice, settings, db):
-    resp = await client.post(f"{API}/channels", json={"name": "room"}, headers=alice.headers)
-    channel = (await resp.json())["id"]
+async def test_scheduled_message_is_delivered_on_time(client, alice, settings, db, burst_worker):
+    channel = await make_channel(client, alice, "room")
     due = datetime.now(UTC) + timedelta(seconds=0.6)
     resp = await client.post(
         f"{API}/channels/{channel}/delayed-messages",
@@ -79,7 +68,7 @@ async def test_scheduled_message_is_delivered_on_time(client, alice, settings, d
     )
     assert resp.status == 202
     delayed_id = (await resp.json())["id"]
-    await run_burst(settings)  # burst mode waits for the deferred tick job
+    await burst_worker().async_run()  # burst mode waits for the deferred tick job
     row = await db.fetchrow("SELECT * FROM delayed_messages WHERE id = %s", (delayed_id,))
     assert row["status"] == "delivered"
     lateness = (row["finished_at"] - row["deliver_at"]).total_seconds()
@@ -88,7 +77,7 @@ async def test_scheduled_message_is_delivered_on_time(client, alice, settings, d
     assert [m["body"] for m in (await resp.json())["items"]] == ["punctual"]
 
 
-async def test_two_workers_deliver_exactly_once(settings, db, arq, author):
+async def test_two_workers_deliver_exactly_once(settings, db, arq, author, burst_worker):
     channel = await public_channel(db, author)
     await db.execute(
         "INSERT INTO delayed_messages (channel_id, author_id, body, deliver_at)"
@@ -97,7 +86,7 @@ async def test_two_workers_deliver_exactly_once(settings, db, arq, author):
     )
     for i in range(6):  # several jobs, so both workers get some
         await arq.enqueue_job(JOB_DELIVER_DELAYED, _job_id=f"test-{i}", _queue_name=QUEUE_NAME)
-    await asyncio.gather(run_burst(settings), run_burst(settings))
+    await asyncio.gather(burst_worker().async_run(), burst_worker().async_run())
     assert await db.fetchval("SELECT count(*) FROM messages") == 400
     assert await db.fetchval("SELECT count(DISTINCT body) FROM messages") == 400
     assert (
@@ -108,7 +97,7 @@ async def test_two_workers_deliver_exactly_once(settings, db, arq, author):
     )
 
 
-async def test_sweep_delivers_what_lost_its_job(settings, db, redis, author):
+async def test_sweep_delivers_what_lost_its_job(settings, db, redis, author, burst_worker):
     """Rows without any queued job (e.g. Redis was flushed): the startup sweep finds them."""
     channel = await public_channel(db, author)
     await db.execute(
@@ -117,11 +106,11 @@ async def test_sweep_delivers_what_lost_its_job(settings, db, redis, author):
         (channel, author.id),
     )
     assert await redis.zcard(QUEUE_NAME) == 0
-    await run_burst(settings)
+    await burst_worker().async_run()
     assert await db.fetchval("SELECT status FROM delayed_messages") == "delivered"
 
 
-async def test_cleanup_job_real_and_dry_run(settings, db, arq, author):
+async def test_cleanup_job_real_and_dry_run(settings, db, arq, author, burst_worker):
     await db.execute(
         "INSERT INTO delayed_messages (channel_id, author_id, body, deliver_at, status,"
         " finished_at) SELECT 1, %s, 'c', now() - interval '3 days', 'cancelled',"
@@ -133,7 +122,7 @@ async def test_cleanup_job_real_and_dry_run(settings, db, arq, author):
     real_id, joined = await jobs.enqueue("cleanup-delayed-messages")
     again_id, joined_again = await jobs.enqueue("cleanup-delayed-messages")
     assert not joined and joined_again and again_id == real_id
-    await run_burst(replace(settings, cleanup_batch=7))
+    await burst_worker(replace(settings, cleanup_batch=7)).async_run()
     dry = await jobs.state(dry_id)
     assert dry.ok and dry.result["status"] == "dry_run" and dry.result["would_delete"] == 30
     real = await jobs.state(real_id)

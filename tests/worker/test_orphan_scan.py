@@ -16,14 +16,8 @@ from shared.metrics import Metrics
 from shared.services.attachments.storage import STALE_TEMP_S, new_key
 from shared.services.audit import AuditTrail
 from shared.services.wiring import attachment_files
-from tests.attachment_helpers import (
-    audit_rows,
-    burst_worker,
-    file_of,
-    files_on_disk,
-    make_channel,
-    upload_ok,
-)
+from tests.attachment_helpers import audit_rows, file_of, files_on_disk, upload_ok
+from tests.helpers import make_channel
 
 OLD = time.time() - 7200  # well past the test grace window
 
@@ -252,15 +246,14 @@ async def test_missing_upload_dir_is_an_empty_scan(scan_settings, db):
     assert summary["scanned"] == 0 and summary["orphans"] == 0
 
 
-async def test_operator_job_through_the_worker(scan_settings, db, redis):
+async def test_operator_job_through_the_worker(scan_settings, db, redis, burst_worker):
     root = scan_settings.upload_dir
     orphan = put(root, "ab/" + "b" * 32)
     pool = await create_pool(arq_settings(scan_settings))
     try:
         job = await pool.enqueue_job(JOB_ORPHAN_SCAN, dry_run=True, _queue_name=QUEUE_NAME)
         assert job is not None
-        async with burst_worker(scan_settings) as worker:
-            await worker.async_run()
+        await burst_worker(scan_settings).async_run()
         result = await job.result(timeout=5)
     finally:
         await pool.aclose()

@@ -1,14 +1,14 @@
-"""Helpers for the SSE tests (no tests here): a stream reader that parses frames, a
-real in-process server (aiohttp's production runner, not the test server, which
-cancels handlers when clients leave), polling with a deadline."""
+"""Helpers for the SSE tests: a stream reader that parses frames, a real in-process
+server (aiohttp's production runner, not the test server, which cancels handlers when
+clients leave), a raw socket client that never reads."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +20,7 @@ from server.runner import HeraldServer
 from server.sse.manager import StreamManager
 from shared.models import User
 from shared.settings import Settings
+from tests.helpers import API
 
 
 @dataclass
@@ -88,22 +89,6 @@ class SSEReader:
                 return out
 
 
-async def wait_for(
-    check: Callable[[], object | Awaitable[object]], timeout: float = 5.0, what: str = ""
-) -> None:
-    """Poll ``check`` until true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.01)
-
-
 @dataclass
 class Live:
     """A running server plus handy shortcuts."""
@@ -127,7 +112,7 @@ class Live:
 
     def events_url(self, channel_id: int, **query: str) -> str:
         qs = "&".join(f"{k}={v}" for k, v in query.items())
-        return f"{self.url}/api/v1/channels/{channel_id}/events" + (f"?{qs}" if qs else "")
+        return f"{self.url}{API}/channels/{channel_id}/events" + (f"?{qs}" if qs else "")
 
 
 @asynccontextmanager
@@ -145,3 +130,16 @@ async def live_server(
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+async def raw_stream(port: int, path: str, token: str, ip: str, rcvbuf: int) -> socket.socket:
+    """A client that asks for a stream and then never reads (tiny receive buffer)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((ip, 0))
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    return sock

@@ -10,11 +10,11 @@ import pytest
 
 from server.keys import CHANNELS, HUB, STREAMS
 from shared.bus import MemberRemoved
-from tests.server.test_sse_stream import make_channel
+from tests.helpers import make_channel
 
 
 @pytest.mark.parametrize("private", [True, False])
-async def test_review_revoke_during_the_visibility_check_is_not_missed(client, alice, bob, private):
+async def test_revoke_during_the_visibility_check_is_not_missed(client, alice, bob, private):
     await asyncio.wait_for(client.app[HUB].subscribed.wait(), 5)
     channel_id = await make_channel(client, alice, "secret", private=private)
     resp = await client.post(

@@ -10,8 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser
-
-API = "/api/v1"
+from tests.helpers import API, make_channel
 
 # Every endpoint that reads a JSON body: (method, path template, a valid body).
 BODY_ROUTES = [
@@ -58,9 +57,7 @@ HUGE_NUMBER = b'{"user_id": ' + b"9" * 5000 + b"}"
 
 @pytest.fixture
 async def ids(client: TestClient[Any, Any], alice: AuthUser, bob: AuthUser) -> dict[str, int]:
-    resp = await client.post(f"{API}/channels", json={"name": "target"}, headers=alice.headers)
-    assert resp.status == 201
-    return {"cid": (await resp.json())["id"], "uid": bob.id}
+    return {"cid": await make_channel(client, alice, "target"), "uid": bob.id}
 
 
 def fill(template: str, ids: dict[str, int]) -> str:
