@@ -54,7 +54,14 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -66,6 +73,8 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
         raise SettingsError(f"{name}: expected a finite number, got {raw!r}")
     if value < minimum:
         raise SettingsError(f"{name}: must be at least {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}: must be at most {maximum:g}, got {value:g}")
     return value
 
 
@@ -174,6 +183,11 @@ def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(origins)
 
 
+# The server's drain must end well before the systemd units' TimeoutStopSec=30 kills
+# it mid-drain: 20 s leaves room for the REST grace, closing the pools and a slow host.
+MAX_SHUTDOWN_TIMEOUT_S = 20.0
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "postgresql://localhost/herald"
@@ -236,7 +250,9 @@ class Settings:
             sse_stale_s=_float(e, "HERALD_SSE_STALE_S", 30.0, minimum=0.01),
             sse_max_per_ip=_int(e, "HERALD_SSE_MAX_PER_IP", 5, minimum=1),
             sse_max_connections=_int(e, "HERALD_SSE_MAX_CONNECTIONS", 1000, minimum=1),
-            shutdown_timeout_s=_float(e, "HERALD_SHUTDOWN_TIMEOUT_S", 5.0),
+            shutdown_timeout_s=_float(
+                e, "HERALD_SHUTDOWN_TIMEOUT_S", 5.0, maximum=MAX_SHUTDOWN_TIMEOUT_S
+            ),
             trusted_proxies=_networks(e, "HERALD_TRUSTED_PROXIES"),
             queue_max=queue_max,
             queue_alert=queue_alert,

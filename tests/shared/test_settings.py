@@ -55,6 +55,7 @@ GOOD = [
     ("HERALD_SSE_MAX_PER_IP", "7", "sse_max_per_ip", 7),
     ("HERALD_SSE_MAX_CONNECTIONS", "20000", "sse_max_connections", 20000),
     ("HERALD_SHUTDOWN_TIMEOUT_S", "0", "shutdown_timeout_s", 0.0),
+    ("HERALD_SHUTDOWN_TIMEOUT_S", "20", "shutdown_timeout_s", 20.0),
     ("HERALD_QUEUE_MAX", "9000", "queue_max", 9000),
     ("HERALD_QUEUE_MAX_PER_USER", "3", "queue_max_per_user", 3),
     ("HERALD_CLEANUP_BATCH", "50", "cleanup_batch", 50),
@@ -100,6 +101,7 @@ BAD = [
     ("HERALD_SSE_MAX_PER_IP", "0"),
     ("HERALD_SSE_MAX_CONNECTIONS", "lots"),
     ("HERALD_SHUTDOWN_TIMEOUT_S", "-0.1"),
+    ("HERALD_SHUTDOWN_TIMEOUT_S", "20.5"),
     ("HERALD_TRUSTED_PROXIES", "10.0.0.0/33"),
     ("HERALD_TRUSTED_PROXIES", "10.0.0.1,proxy.local"),
     ("HERALD_QUEUE_MAX", "-10"),
@@ -205,6 +207,13 @@ def test_queue_alert_above_max() -> None:
     assert str(info.value).startswith("HERALD_QUEUE_ALERT:")
     with pytest.raises(SettingsError, match=r"^HERALD_QUEUE_ALERT:"):
         from_env({"HERALD_QUEUE_MAX": "5000"})  # default alert 8000 > 5000
+
+
+def test_shutdown_timeout_is_bounded_below_the_units_stop_timeout() -> None:
+    # systemd/*.service have TimeoutStopSec=30: a longer drain would be killed midway.
+    with pytest.raises(SettingsError) as info:
+        from_env({"HERALD_SHUTDOWN_TIMEOUT_S": "45"})
+    assert str(info.value) == "HERALD_SHUTDOWN_TIMEOUT_S: must be at most 20, got 45"
 
 
 def test_newline_in_bad_value_stays_one_line() -> None:
