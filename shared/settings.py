@@ -116,6 +116,21 @@ def _redis_db(parts: SplitResult) -> int | None:
     return int(path[1:]) if path else 0
 
 
+def _notify_socket(env: Mapping[str, str]) -> str | None:
+    return env.get("NOTIFY_SOCKET") or None
+
+
+def _watchdog_usec(env: Mapping[str, str]) -> int | None:
+    """systemd's watchdog interval, as libsystemd's ``sd_watchdog_enabled`` reads it:
+    unset, not a positive number, or meant for another process (``WATCHDOG_PID``) → off."""
+    raw, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(raw)
+
+
 HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
@@ -214,6 +229,10 @@ class Settings:
     orphan_grace_s: int = 3600
     cors_origins: frozenset[str] = field(default_factory=frozenset)
     delivery_max_lateness_s: int = 300
+    # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
+    # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
+    notify_socket: str | None = None
+    watchdog_usec: int | None = None
 
     @classmethod
     def from_env(
@@ -225,6 +244,10 @@ class Settings:
             merged.update(read_dotenv(dotenv))
         merged.update(os.environ if env is None else env)
         e = merged
+        # NOTIFY_SOCKET/WATCHDOG_*: only from the real environment; a .env file cannot
+        # speak for the service manager. They are read here rather than in sdnotify so
+        # the environment keeps one reader and tests pass them in like any setting.
+        process_env = os.environ if env is None else env
         queue_max = _int(e, "HERALD_QUEUE_MAX", 10_000, minimum=1)
         queue_alert = _int(e, "HERALD_QUEUE_ALERT", 8_000, minimum=1)
         if queue_alert > queue_max:
@@ -265,6 +288,8 @@ class Settings:
             orphan_grace_s=_int(e, "HERALD_ORPHAN_GRACE_S", 3600),
             cors_origins=_origins(e, "HERALD_CORS_ORIGINS"),
             delivery_max_lateness_s=_int(e, "HERALD_DELIVERY_MAX_LATENESS_S", 300, minimum=1),
+            notify_socket=_notify_socket(process_env),
+            watchdog_usec=_watchdog_usec(process_env),
         )
 
     @property

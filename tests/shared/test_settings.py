@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,31 @@ def test_undecodable_dotenv(tmp_path: Path) -> None:
     (tmp_path / "dir.env").mkdir()
     with pytest.raises(SettingsError, match="cannot read"):
         read_dotenv(tmp_path / "dir.env")
+
+
+def test_systemd_notify_variables() -> None:
+    # Set by systemd for a Type=notify unit (shared/sdnotify.py), not by the operator.
+    s = from_env({"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000"})
+    assert (s.notify_socket, s.watchdog_usec) == ("/run/systemd/notify", 30_000_000)
+    assert from_env({"NOTIFY_SOCKET": "@abstract"}).notify_socket == "@abstract"
+    assert (from_env({}).notify_socket, from_env({}).watchdog_usec) == (None, None)
+
+
+@pytest.mark.parametrize("raw", ["", "0", "-5", "1.5", "soon", "١٢"])
+def test_watchdog_usec_that_is_not_a_positive_number_is_off(raw: str) -> None:
+    # Never a configuration error: libsystemd's sd_watchdog_enabled ignores these too.
+    assert from_env({"WATCHDOG_USEC": raw}).watchdog_usec is None
+
+
+def test_watchdog_for_another_process_is_off() -> None:
+    mine = from_env({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())})
+    assert mine.watchdog_usec == 1_000_000
+    other = from_env({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert other.watchdog_usec is None
+
+
+def test_notify_variables_never_come_from_dotenv(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("NOTIFY_SOCKET=/tmp/fake\nWATCHDOG_USEC=1000000\n", encoding="utf-8")
+    s = Settings.from_env(env={}, dotenv=dotenv)
+    assert (s.notify_socket, s.watchdog_usec) == (None, None)
