@@ -26,6 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from server.app import begin_draining, init_app
 from server.keys import SETTINGS, STREAMS
 from shared.entry import configure_logging, describe, fail, run_command
+from shared.sdnotify import Notifier
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def tune_gc() -> None:
 
 
 async def run(settings: Settings) -> None:
+    notifier = Notifier.from_settings(settings)
     server = HeraldServer(settings)
     await server.start()
     tune_gc()
@@ -153,17 +155,22 @@ async def run(settings: Settings) -> None:
             server.drop_streams()
             return
         logger.info("%s: draining", signal.Signals(signum).name)
+        notifier.stopping("draining streams")
         begin_draining(server.app)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    # Listening, and a stop from now on drains: systemd (Type=notify) calls the unit
+    # started only now, and starts the units ordered after it.
+    notifier.ready(f"listening on http://{settings.host}:{server.port}")
     try:
         await stop.wait()
         await server.stop()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        await notifier.close()
     logger.info("Herald stopped")
 
 

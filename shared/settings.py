@@ -54,7 +54,14 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -66,6 +73,8 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
         raise SettingsError(f"{name}: expected a finite number, got {raw!r}")
     if value < minimum:
         raise SettingsError(f"{name}: must be at least {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}: must be at most {maximum:g}, got {value:g}")
     return value
 
 
@@ -105,6 +114,21 @@ def _redis_db(parts: SplitResult) -> int | None:
     if not REDIS_DB_PATH.fullmatch(path):
         return None
     return int(path[1:]) if path else 0
+
+
+def _notify_socket(env: Mapping[str, str]) -> str | None:
+    return env.get("NOTIFY_SOCKET") or None
+
+
+def _watchdog_usec(env: Mapping[str, str]) -> int | None:
+    """systemd's watchdog interval, as libsystemd's ``sd_watchdog_enabled`` reads it:
+    unset, not a positive number, or meant for another process (``WATCHDOG_PID``) → off."""
+    raw, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(raw)
 
 
 HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
@@ -174,6 +198,11 @@ def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(origins)
 
 
+# The server's drain must end well before the systemd units' TimeoutStopSec=30 kills
+# it mid-drain: 20 s leaves room for the REST grace, closing the pools and a slow host.
+MAX_SHUTDOWN_TIMEOUT_S = 20.0
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "postgresql://localhost/herald"
@@ -203,6 +232,10 @@ class Settings:
     sse_max_channels: int = 100
     sse_catchup_s: float = 5.0
     backend_timeout_s: float = 5.0
+    # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
+    # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
+    notify_socket: str | None = None
+    watchdog_usec: int | None = None
 
     @classmethod
     def from_env(
@@ -214,6 +247,10 @@ class Settings:
             merged.update(read_dotenv(dotenv))
         merged.update(os.environ if env is None else env)
         e = merged
+        # NOTIFY_SOCKET/WATCHDOG_*: only from the real environment; a .env file cannot
+        # speak for the service manager. They are read here rather than in sdnotify so
+        # the environment keeps one reader and tests pass them in like any setting.
+        process_env = os.environ if env is None else env
         queue_max = _int(e, "HERALD_QUEUE_MAX", 10_000, minimum=1)
         queue_alert = _int(e, "HERALD_QUEUE_ALERT", 8_000, minimum=1)
         if queue_alert > queue_max:
@@ -239,7 +276,9 @@ class Settings:
             sse_stale_s=_float(e, "HERALD_SSE_STALE_S", 30.0, minimum=0.01),
             sse_max_per_ip=_int(e, "HERALD_SSE_MAX_PER_IP", 5, minimum=1),
             sse_max_connections=_int(e, "HERALD_SSE_MAX_CONNECTIONS", 1000, minimum=1),
-            shutdown_timeout_s=_float(e, "HERALD_SHUTDOWN_TIMEOUT_S", 5.0),
+            shutdown_timeout_s=_float(
+                e, "HERALD_SHUTDOWN_TIMEOUT_S", 5.0, maximum=MAX_SHUTDOWN_TIMEOUT_S
+            ),
             trusted_proxies=_networks(e, "HERALD_TRUSTED_PROXIES"),
             queue_max=queue_max,
             queue_alert=queue_alert,
@@ -255,6 +294,8 @@ class Settings:
             sse_max_channels=_int(e, "HERALD_SSE_MAX_CHANNELS", 100, minimum=1),
             sse_catchup_s=_float(e, "HERALD_SSE_CATCHUP_S", 5.0, minimum=0.1),
             backend_timeout_s=_float(e, "HERALD_BACKEND_TIMEOUT_S", 5.0, minimum=0.1),
+            notify_socket=_notify_socket(process_env),
+            watchdog_usec=_watchdog_usec(process_env),
         )
 
     @property

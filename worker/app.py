@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Sequence
+from signal import Signals
 from typing import Any
 
 from arq import Worker
@@ -15,6 +16,7 @@ from arq.worker import Function
 from shared.bus import arq_settings, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
 from shared.entry import configure_logging, run_command
+from shared.sdnotify import Notifier
 from shared.settings import Settings
 from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import attachment_cron_jobs, attachment_functions
@@ -41,13 +43,35 @@ def cron_jobs() -> list[CronJob]:
     return [*attachment_cron_jobs(), *delayed_cron_jobs()]
 
 
-def build_worker(settings: Settings, **overrides: Any) -> Worker:
+class NotifyingWorker(Worker):
+    """arq's Worker, telling systemd when a stop begins: arq's own signal handlers are
+    the first to see SIGTERM and offer no hook before they wait for running jobs."""
+
+    def __init__(self, *args: Any, notifier: Notifier, **kwargs: Any) -> None:
+        self.notifier = notifier
+        super().__init__(*args, **kwargs)
+
+    def handle_sig(self, signum: Signals) -> None:
+        self.notifier.stopping("cancelling running jobs")
+        super().handle_sig(signum)
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        self.notifier.stopping("finishing running jobs")
+        super().handle_sig_wait_for_completion(signum)
+
+
+def build_worker(
+    settings: Settings, *, notifier: Notifier | None = None, **overrides: Any
+) -> Worker:
     """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc."""
+    notifier = notifier or Notifier()
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         # arq put its own pool in ctx["redis"]: the services enqueue through that one.
         ctx[CTX_KEY] = await open_context(settings, arq=ctx["redis"])
         logger.info("worker started")
+        # arq has connected to Redis and runs this last before polling the queue.
+        notifier.ready("connected, taking jobs")
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         if CTX_KEY in ctx:
@@ -73,12 +97,13 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         "job_completion_wait": JOB_COMPLETION_WAIT_S,
     }
     kwargs.update(overrides)
-    return Worker(**kwargs)
+    return NotifyingWorker(notifier=notifier, **kwargs)
 
 
 async def run_worker(settings: Settings, **overrides: Any) -> None:
     """Run until SIGTERM/SIGINT, then close connections."""
-    worker = build_worker(settings, **overrides)
+    notifier = Notifier.from_settings(settings)
+    worker = build_worker(settings, notifier=notifier, **overrides)
     try:
         await worker.async_run()
     except asyncio.CancelledError:
@@ -89,7 +114,10 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
         # Collect them here first, so close() deletes the health key and closes pools.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         worker.tasks.clear()
-        await worker.close()
+        try:
+            await worker.close()
+        finally:
+            await notifier.close()
 
 
 async def worker_alive(settings: Settings) -> bool:

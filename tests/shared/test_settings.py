@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,7 @@ GOOD = [
     ("HERALD_SSE_MAX_PER_IP", "7", "sse_max_per_ip", 7),
     ("HERALD_SSE_MAX_CONNECTIONS", "20000", "sse_max_connections", 20000),
     ("HERALD_SHUTDOWN_TIMEOUT_S", "0", "shutdown_timeout_s", 0.0),
+    ("HERALD_SHUTDOWN_TIMEOUT_S", "20", "shutdown_timeout_s", 20.0),
     ("HERALD_QUEUE_MAX", "9000", "queue_max", 9000),
     ("HERALD_QUEUE_MAX_PER_USER", "3", "queue_max_per_user", 3),
     ("HERALD_CLEANUP_BATCH", "50", "cleanup_batch", 50),
@@ -100,6 +102,7 @@ BAD = [
     ("HERALD_SSE_MAX_PER_IP", "0"),
     ("HERALD_SSE_MAX_CONNECTIONS", "lots"),
     ("HERALD_SHUTDOWN_TIMEOUT_S", "-0.1"),
+    ("HERALD_SHUTDOWN_TIMEOUT_S", "20.5"),
     ("HERALD_TRUSTED_PROXIES", "10.0.0.0/33"),
     ("HERALD_TRUSTED_PROXIES", "10.0.0.1,proxy.local"),
     ("HERALD_QUEUE_MAX", "-10"),
@@ -207,6 +210,13 @@ def test_queue_alert_above_max() -> None:
         from_env({"HERALD_QUEUE_MAX": "5000"})  # default alert 8000 > 5000
 
 
+def test_shutdown_timeout_is_bounded_below_the_units_stop_timeout() -> None:
+    # systemd/*.service have TimeoutStopSec=30: a longer drain would be killed midway.
+    with pytest.raises(SettingsError) as info:
+        from_env({"HERALD_SHUTDOWN_TIMEOUT_S": "45"})
+    assert str(info.value) == "HERALD_SHUTDOWN_TIMEOUT_S: must be at most 20, got 45"
+
+
 def test_newline_in_bad_value_stays_one_line() -> None:
     with pytest.raises(SettingsError) as info:
         from_env({"HERALD_PORT": "80\nHERALD_X=1"})
@@ -279,3 +289,31 @@ def test_undecodable_dotenv(tmp_path: Path) -> None:
     (tmp_path / "dir.env").mkdir()
     with pytest.raises(SettingsError, match="cannot read"):
         read_dotenv(tmp_path / "dir.env")
+
+
+def test_systemd_notify_variables() -> None:
+    # Set by systemd for a Type=notify unit (shared/sdnotify.py), not by the operator.
+    s = from_env({"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000"})
+    assert (s.notify_socket, s.watchdog_usec) == ("/run/systemd/notify", 30_000_000)
+    assert from_env({"NOTIFY_SOCKET": "@abstract"}).notify_socket == "@abstract"
+    assert (from_env({}).notify_socket, from_env({}).watchdog_usec) == (None, None)
+
+
+@pytest.mark.parametrize("raw", ["", "0", "-5", "1.5", "soon", "١٢"])
+def test_watchdog_usec_that_is_not_a_positive_number_is_off(raw: str) -> None:
+    # Never a configuration error: libsystemd's sd_watchdog_enabled ignores these too.
+    assert from_env({"WATCHDOG_USEC": raw}).watchdog_usec is None
+
+
+def test_watchdog_for_another_process_is_off() -> None:
+    mine = from_env({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())})
+    assert mine.watchdog_usec == 1_000_000
+    other = from_env({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert other.watchdog_usec is None
+
+
+def test_notify_variables_never_come_from_dotenv(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("NOTIFY_SOCKET=/tmp/fake\nWATCHDOG_USEC=1000000\n", encoding="utf-8")
+    s = Settings.from_env(env={}, dotenv=dotenv)
+    assert (s.notify_socket, s.watchdog_usec) == (None, None)
