@@ -15,7 +15,9 @@ handler's frames (and the request's query scope) are freed while it waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 
 from aiohttp import web
@@ -37,10 +39,30 @@ from shared.validation import parse_id
 logger = logging.getLogger(__name__)
 
 
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def set_tcp_user_timeout(request: web.BaseRequest, stream: Stream | None) -> None:
+    """Ask the kernel to abort the connection when written data stays unacknowledged
+    for HERALD_SSE_STALE_S (Linux): a hung peer is dropped by the kernel too, not only
+    by the sweep. aiohttp-sse does this in a private method of its response; one
+    setsockopt here keeps Herald on its public API. Streams are never kept alive for
+    another request, so nothing is restored afterwards."""
+    if _TCP_USER_TIMEOUT is None or stream is None or request.transport is None:
+        return
+    sock = request.transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    assert isinstance(request, web.Request)
+    stale_ms = int(request.app[SETTINGS].sse_stale_s * 1000)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, max(1, stale_ms))
+
+
 class EventStream(EventSourceResponse):
-    """aiohttp-sse's response (its SSE headers and TCP_USER_TIMEOUT for hung peers)
-    without its per-connection ping task: one process-wide sweep sends heartbeats, and
-    frames are encoded once and written to every subscriber's transport.
+    """aiohttp-sse's response (its SSE headers) without its per-connection ping task:
+    one process-wide sweep sends heartbeats, and frames are encoded once and written
+    to every subscriber's transport.
 
     It holds its registered stream from the handler's return until the stream ends:
     aiohttp's ``write_eof`` call (right after the handler returns, with no await in
@@ -57,7 +79,7 @@ class EventStream(EventSourceResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return self._payload_writer
-        self._set_tcp_user_timeout(request)
+        set_tcp_user_timeout(request, self._stream)
         writer = await web.StreamResponse.prepare(self, request)
         # The headers are serialised by now; the multidict (about 1 KB with its keys
         # and values) would otherwise live as long as the stream.

@@ -7,7 +7,7 @@ import json
 import time
 
 from server.app import begin_draining
-from server.keys import MESSAGES, STREAMS
+from server.keys import MESSAGES, SETTINGS, STREAMS
 from server.sse import replay as replay_module
 from tests.health_fields import CONTRACT_FIELDS
 from tests.helpers import make_channel, wait_for
@@ -308,4 +308,19 @@ async def test_replay_reads_in_pages_with_no_gap_or_duplicate(client, alice, db,
     got = [await reader.next() for _ in range(47)]
     assert [e.id for e in got] == list(range(first + 3, first + 50))
     assert max(calls) <= 7 and len(calls) == 7  # 47 rows in pages of 7
+    resp.close()
+
+
+async def test_stream_socket_has_tcp_user_timeout_of_the_stale_bound(client, alice):
+    """The kernel, too, drops a peer that stops acknowledging (set with one setsockopt,
+    no private aiohttp-sse API)."""
+    import socket
+
+    channel_id = await make_channel(client, alice)
+    resp = await client.get(f"/api/v1/channels/{channel_id}/events", headers=alice.headers)
+    await SSEReader(resp.content).until("ready")
+    (stream,) = client.app[STREAMS].streams.values()
+    sock = stream.transport.get_extra_info("socket")
+    stale_ms = int(client.app[SETTINGS].sse_stale_s * 1000)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == stale_ms
     resp.close()
