@@ -38,6 +38,7 @@ from server.middlewares import (
 from server.routes import setup_routes
 from server.sse.feeds import Feeds
 from server.sse.hub import Hub
+from server.sse.leases import IpLeases
 from server.sse.manager import StreamManager
 from shared.bus import EventBus, arq_pool, redis_client
 from shared.constants import events_channel
@@ -112,7 +113,8 @@ async def delayed_ctx(app: web.Application) -> AsyncIterator[None]:
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, manager = app[SETTINGS], app[STREAMS]
     feeds = Feeds(messages=app[MESSAGES], sink=manager, settings=settings, metrics=app[METRICS])
-    manager.attach(feeds, app[MESSAGES], await load_key(app[DB], CURSOR_KEY))
+    leases = IpLeases(redis=app[REDIS], settings=settings, metrics=app[METRICS])
+    manager.attach(feeds, app[MESSAGES], await load_key(app[DB], CURSOR_KEY), leases)
     hub = Hub(app[REDIS], events_channel(settings.redis_db), app[METRICS])
     hub.add_listener(manager.on_event)
     hub.on_subscribed.append(feeds.resync)
@@ -120,8 +122,10 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     feeds.start()  # ordered per-channel feeds; reconciles with PostgreSQL (feeds.py)
     hub.start()
     manager.start()  # the one process-wide SSE timer (heartbeats, stale checks)
+    leases.start(manager.ip_holders)  # per-IP slots shared by every process
     yield
     await manager.stop()
+    await leases.stop()
     await hub.stop()
     await feeds.stop()
 

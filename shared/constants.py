@@ -69,6 +69,12 @@ def active_job_key(operator_job: str) -> str:
     return f"{KEY_PREFIX}jobs:active:{operator_job}"
 
 
+def sse_ip_key(ip: str) -> str:
+    """The SSE leases of one client address, across every server process: a sorted set
+    of stream ids scored by when each lease runs out (server/sse/leases.py)."""
+    return f"{KEY_PREFIX}sse:ip:{ip}"
+
+
 def events_channel(redis_db: int) -> str:
     """The pub/sub channel every server process subscribes to (one subscription each)."""
     return f"herald:{redis_db}:events"

@@ -126,6 +126,11 @@ class Metrics:
         self.sse_stale_detected = Counter(
             "herald_sse_stale_detected", "Streams found stale", registry=r
         )
+        self.sse_ip_leases_unavailable = Counter(
+            "herald_sse_ip_leases_unavailable",
+            "Stream requests let through on this process's own per-IP count (Redis away)",
+            registry=r,
+        )
         self.sse_subscriptions = Counter(
             "herald_sse_subscriptions",
             "Channels added to (subscribed) or dropped from (unsubscribed) open streams",

@@ -18,6 +18,7 @@ from typing import Any
 from server.sse import cursor, frames
 from server.sse.feeds import Feeds
 from server.sse.frames import Frame
+from server.sse.leases import IpLeases
 from server.sse.stream import (
     CHOSEN,
     CLOSING,
@@ -30,6 +31,7 @@ from server.sse.stream import (
     WRITTEN,
     Batch,
     Stream,
+    new_stream_id,
 )
 from shared.bus import BusEvent, MemberAdded, MemberRemoved, MessagePosted
 from shared.errors import RetryLater
@@ -128,16 +130,24 @@ class StreamManager:
         # catch-ups need, and the key that signs multi-channel cursors.
         self.feeds: Feeds | None = None
         self.messages: MessageService | None = None
+        self.leases: IpLeases | None = None
         self.cursor_key = b""
         metrics.sse_active.set_function(lambda: len(self.streams))
         metrics.sse_peak.set_function(lambda: self.peak)
         metrics.sse_stale_active.set_function(lambda: self.stale_active)
         metrics.sse_new_per_s.set_function(lambda: self.rate.rate(time.monotonic()))
 
-    def attach(self, feeds: Feeds, messages: MessageService, cursor_key: bytes) -> None:
+    def attach(
+        self,
+        feeds: Feeds,
+        messages: MessageService,
+        cursor_key: bytes,
+        leases: IpLeases | None = None,
+    ) -> None:
         self.feeds = feeds
         self.messages = messages
         self.cursor_key = cursor_key
+        self.leases = leases
 
     # The figures under their first names (tests and /health read these).
     @property
@@ -171,26 +181,12 @@ class StreamManager:
         channel_id: int | None = None,
         channels: Iterable[int] = (),
         kind: int = ONE,
+        stream_id: str | None = None,
     ) -> Stream:
         """Check the limits and register a new stream in one step (no await between),
         or raise RetryLater: 429 per IP or global, 503 while draining."""
         settings = self.settings
-        if self.draining:
-            self._reject("draining")
-            raise RetryLater(
-                "the server is shutting down; reconnect shortly",
-                code="shutting_down",
-                status=503,
-                retry_after=random.randint(*RETRY_AFTER_DRAINING_S),
-            )
-        if len(self.streams) >= settings.sse_max_connections:
-            self._reject("global")
-            raise RetryLater(
-                "this server has no room for another stream",
-                code="server_busy",
-                status=429,
-                retry_after=random.randint(*RETRY_AFTER_BUSY_S),
-            )
+        self._check_room()
         peers = self.by_ip.get(ip)
         if peers is not None and len(peers) >= settings.sse_max_per_ip:
             # A browser that reloads closes its old stream a moment before opening the
@@ -208,7 +204,13 @@ class StreamManager:
         now = time.monotonic()
         followed = {channel_id} if channel_id is not None else set(channels)
         stream = Stream(
-            channels=followed, user_id=user_id, ip=ip, transport=transport, kind=kind, now=now
+            channels=followed,
+            user_id=user_id,
+            ip=ip,
+            transport=transport,
+            kind=kind,
+            now=now,
+            stream_id=stream_id,
         )
         self.streams[stream.id] = stream
         for c in followed:
@@ -239,6 +241,48 @@ class StreamManager:
     def _reject(self, kind: str) -> None:
         self.rejected.inc(kind)
 
+    def _check_room(self) -> None:
+        """503 while draining, 429 ``server_busy`` when this process is full."""
+        if self.draining:
+            self._reject("draining")
+            raise RetryLater(
+                "the server is shutting down; reconnect shortly",
+                code="shutting_down",
+                status=503,
+                retry_after=random.randint(*RETRY_AFTER_DRAINING_S),
+            )
+        if len(self.streams) >= self.settings.sse_max_connections:
+            self._reject("global")
+            raise RetryLater(
+                "this server has no room for another stream",
+                code="server_busy",
+                status=429,
+                retry_after=random.randint(*RETRY_AFTER_BUSY_S),
+            )
+
+    async def take_ip_slot(self, ip: str) -> str:
+        """Before ``open``: a slot for ``ip`` among every process sharing the Redis (see
+        leases.py); returns the id the stream must be opened with, or raises the same
+        429 as the local per-IP limit."""
+        self._check_room()  # the same order of answers as ``open``
+        stream_id = new_stream_id()
+        if self.leases is not None and not await self.leases.take(ip, stream_id):
+            self._reject("per_ip")
+            raise RetryLater(
+                f"too many streams from this address (limit {self.settings.sse_max_per_ip})",
+                code="too_many_connections",
+                status=429,
+                retry_after=RETRY_AFTER_PER_IP_S,
+            )
+        return stream_id
+
+    def give_back_ip_slot(self, ip: str, stream_id: str) -> None:
+        if self.leases is not None:
+            self.leases.release(ip, stream_id)
+
+    def ip_holders(self) -> list[tuple[str, list[str]]]:
+        return [(ip, [s.id for s in streams]) for ip, streams in self.by_ip.items()]
+
     def unregister(self, stream: Stream) -> None:
         """Forget a stream and every count it held; safe to call more than once."""
         if self.streams.pop(stream.id, None) is None:
@@ -257,6 +301,7 @@ class StreamManager:
                 del self.by_user[stream.user_id]
         if stream.stale:
             self.stale_active -= 1
+        self.give_back_ip_slot(stream.ip, stream.id)
         self.closed.inc(stream.close_reason or "gone")
         stream.state = CLOSING
         stream.buffer = None

@@ -52,6 +52,10 @@ def kernel_pending(fd: int) -> int:
     return int(_INT.unpack(out)[0])
 
 
+def new_stream_id() -> str:
+    return secrets.token_hex(8)
+
+
 class Stream:
     """Slots only: at 10,000 streams every byte per stream counts."""
 
@@ -95,8 +99,9 @@ class Stream:
         transport: asyncio.Transport | None,
         kind: int = ONE,
         now: float | None = None,
+        stream_id: str | None = None,
     ) -> None:
-        self.id = secrets.token_hex(8)
+        self.id = stream_id or new_stream_id()
         self.kind = kind
         self.channels = channels
         # The one channel of a per-channel stream (0 for the others).
