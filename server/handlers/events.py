@@ -131,18 +131,9 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
         if not manager.revoked_since(channel_id, user.id, since):
             break
     ip = client_ip(request, app[SETTINGS].trusted_proxies)
-    stream_id = await manager.take_ip_slot(ip)
-    try:
-        stream = manager.open(
-            channel_id=channel_id,
-            user_id=user.id,
-            ip=ip,
-            transport=request.transport,
-            stream_id=stream_id,
-        )
-    except BaseException:
-        manager.give_back_ip_slot(ip, stream_id)
-        raise
+    stream = await manager.admit(
+        channel_id=channel_id, user_id=user.id, ip=ip, transport=request.transport
+    )
     logger.debug("SSE %s opened: channel %d user %d", stream.id, channel_id, user.id)
     return await run_stream(request, stream, after_id=after_id)
 
@@ -170,19 +161,13 @@ async def events(request: web.Request) -> web.StreamResponse:
     if not chosen:
         followed |= {c for c, _ in manager.joined_since(user.id, since)}
     ip = client_ip(request, settings.trusted_proxies)
-    stream_id = await manager.take_ip_slot(ip)
-    try:
-        stream = manager.open(
-            channels=followed,
-            kind=CHOSEN if chosen else MEMBERSHIP,
-            user_id=user.id,
-            ip=ip,
-            transport=request.transport,
-            stream_id=stream_id,
-        )
-    except BaseException:
-        manager.give_back_ip_slot(ip, stream_id)
-        raise
+    stream = await manager.admit(
+        channels=followed,
+        kind=CHOSEN if chosen else MEMBERSHIP,
+        user_id=user.id,
+        ip=ip,
+        transport=request.transport,
+    )
     logger.debug("SSE %s opened: %d channels, user %d", stream.id, len(followed), user.id)
     return await run_stream(request, stream, resume=resume)
 

@@ -276,6 +276,33 @@ class StreamManager:
             )
         return stream_id
 
+    async def admit(
+        self,
+        *,
+        user_id: int,
+        ip: str,
+        transport: asyncio.Transport | None,
+        channel_id: int | None = None,
+        channels: Iterable[int] = (),
+        kind: int = ONE,
+    ) -> Stream:
+        """The per-IP slot across processes, then ``open``; the slot goes back if the
+        local limits refuse."""
+        stream_id = await self.take_ip_slot(ip)
+        try:
+            return self.open(
+                user_id=user_id,
+                ip=ip,
+                transport=transport,
+                channel_id=channel_id,
+                channels=channels,
+                kind=kind,
+                stream_id=stream_id,
+            )
+        except BaseException:
+            self.give_back_ip_slot(ip, stream_id)
+            raise
+
     def give_back_ip_slot(self, ip: str, stream_id: str) -> None:
         if self.leases is not None:
             self.leases.release(ip, stream_id)
