@@ -160,6 +160,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             break
     if not chosen:
         followed |= {c for c, _ in manager.joined_since(user.id, since)}
+    if resume is not None:  # checked above; now read against the stream's own list
+        resume = parse_resume(request, manager.cursor_key, followed)
     ip = client_ip(request, settings.trusted_proxies)
     stream = await manager.admit(
         channels=followed,

@@ -432,7 +432,7 @@ class StreamManager:
         for c in [c for c, p in positions.items() if p <= watermark]:
             if keep is None or c not in keep:
                 del positions[c]
-        return cursor.encode(self.cursor_key, watermark, positions)
+        return cursor.encode(self.cursor_key, watermark, positions, s.channels)
 
     def go_live(self, stream: Stream) -> None:
         """End SETUP: write what arrived during replay (skipping what the client has or

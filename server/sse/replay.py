@@ -10,7 +10,7 @@ missed is not replayed: ``reset`` tells the client to refetch it over REST.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
@@ -62,16 +62,19 @@ def last_event_id(raw: str, source: str = HEADER) -> int:
     return value
 
 
-def parse_resume(request: web.Request, key: bytes) -> Cursor | None:
+def parse_resume(
+    request: web.Request, key: bytes, channels: Iterable[int] | None = None
+) -> Cursor | None:
     """A multi-channel stream's resume point: a cursor Herald wrote, or a message id
-    (after it in every channel); None without one; 422 for anything else."""
+    (after it in every channel); None without one; 422 for anything else. ``channels``:
+    the stream's list, for cursors written against it."""
     found = raw_last_event_id(request)
     if found is None:
         return None
     raw, source = found
     if raw.isascii() and raw.isdigit():
         return Cursor(last_event_id(raw, source), {})
-    return cursor.decode(key, raw, source)
+    return cursor.decode(key, raw, source, channels)
 
 
 async def replay(
@@ -137,7 +140,9 @@ def setup_cursor(stream: Stream, key: bytes) -> bytes:
     if not positions:
         return b""
     base = min(positions.values())
-    text = cursor.encode(key, base, {c: p for c, p in positions.items() if p != base})
+    text = cursor.encode(
+        key, base, {c: p for c, p in positions.items() if p != base}, stream.channels
+    )
     return frames.cursor_id(text) if len(text) <= cursor.MAX_CHARS else b""
 
 

@@ -1,0 +1,171 @@
+"""The per-channel feeds (server/sse/feeds.py) against the real database: events in any
+order, lost or repeated, come out as each channel's exact sequence, once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from server.keys import CHANNELS, MESSAGES, SETTINGS
+from server.sse import feeds as feeds_module
+from server.sse.feeds import Feeds, reconcile_interval
+from shared.bus import MessagePosted
+from shared.db.pool import Database
+from shared.metrics import Metrics
+from shared.services.messages import Posted, insert_message
+from tests.helpers import make_channel
+
+
+class Recorder:
+    """The feeds' sink: what reaches the streams, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, list[int]]] = []
+        self.resets: list[tuple[int, int]] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, channel_id: int, batch: Sequence[Posted]) -> None:
+        self.batches.append((channel_id, [p.id for p in batch]))
+        self.changed.set()
+
+    def reset_channel(self, channel_id: int, last_id: int) -> None:
+        self.resets.append((channel_id, last_id))
+        self.changed.set()
+
+    def ids(self, channel_id: int) -> list[int]:
+        return [i for c, batch in self.batches if c == channel_id for i in batch]
+
+
+@pytest.fixture
+async def setup(client, alice):
+    channel_id = await make_channel(client, alice)
+    sink = Recorder()
+    feeds = Feeds(
+        messages=client.app[MESSAGES],
+        sink=sink,
+        settings=client.app[SETTINGS],
+        metrics=Metrics(),
+    )
+    feeds.acquire(channel_id)
+    await feeds.sync([channel_id])  # the feed starts at the channel's head (none yet)
+    return feeds, sink, channel_id, client.app[MESSAGES].db, alice
+
+
+async def store(db: Database, channel_id: int, author_id: int, n: int) -> list[Posted]:
+    """Committed messages whose events the test hands over (or loses) itself."""
+    out = []
+    for i in range(n):
+        async with db.transaction() as tx:
+            out.append(await insert_message(tx, channel_id, author_id, f"m{i}"))
+    return out
+
+
+def event(p: Posted) -> MessagePosted:
+    return MessagePosted(p.channel_id, p.prev_id, p.message)
+
+
+async def test_out_of_order_events_come_out_in_order(setup):
+    feeds, sink, channel_id, db, alice = setup
+    m1, m2, m3 = await store(db, channel_id, alice.id, 3)
+    assert (m1.prev_id, m2.prev_id, m3.prev_id) == (0, m1.id, m2.id)
+    feeds.on_message(event(m3))  # ahead of a gap: held
+    assert sink.batches == []
+    feeds.on_message(event(m1))
+    feeds.on_message(event(m2))  # fills the gap and lets 3 through
+    assert sink.ids(channel_id) == [m1.id, m2.id, m3.id]
+    feeds.on_message(event(m2))  # a duplicate
+    assert sink.ids(channel_id) == [m1.id, m2.id, m3.id]
+
+
+async def test_a_lost_event_is_filled_from_postgresql(setup):
+    feeds, sink, channel_id, db, alice = setup
+    m1, m2, m3 = await store(db, channel_id, alice.id, 3)
+    feeds.on_message(event(m1))
+    feeds.on_message(event(m3))  # m2's event never came
+    assert sink.ids(channel_id) == [m1.id]
+    assert channel_id in feeds._dirty  # the gap asks for a fill at once
+    await feeds.sync([channel_id])
+    assert sink.ids(channel_id) == [m1.id, m2.id, m3.id]
+    assert feeds.feeds[channel_id].held == {}
+
+
+async def test_a_lost_last_message_is_found_by_the_reconcile(setup):
+    feeds, sink, channel_id, db, alice = setup
+    m1, m2 = await store(db, channel_id, alice.id, 2)
+    feeds.on_message(event(m1))  # m2's publisher died after its commit
+    await feeds.sync([channel_id])
+    assert sink.ids(channel_id) == [m1.id, m2.id]
+    # The watermark: everything of the channel up to it is written; later ids are larger.
+    assert feeds.watermark >= m2.id
+    (m3,) = await store(db, channel_id, alice.id, 1)
+    assert m3.id > feeds.watermark
+
+
+async def test_too_many_missed_resets_the_channel(setup, monkeypatch):
+    feeds, sink, channel_id, db, alice = setup
+    monkeypatch.setattr(feeds_module, "FILL_MAX", 3)
+    stored = await store(db, channel_id, alice.id, 5)
+    await feeds.sync([channel_id])
+    assert sink.resets == [(channel_id, stored[-1].id)] and sink.batches == []
+    (later,) = await store(db, channel_id, alice.id, 1)
+    feeds.on_message(event(later))  # in sequence after the reset's head
+    assert sink.ids(channel_id) == [later.id]
+
+
+async def test_the_running_loop_catches_up_within_the_interval(setup):
+    feeds, sink, channel_id, db, alice = setup
+    feeds.interval = 0.05
+    feeds.start()
+    try:
+        m1, m2 = await store(db, channel_id, alice.id, 2)  # no events at all
+        deadline = time.monotonic() + 2
+        while sink.ids(channel_id) != [m1.id, m2.id]:
+            assert time.monotonic() < deadline, sink.batches
+            await asyncio.sleep(0.01)
+    finally:
+        await feeds.stop()
+
+
+async def test_racing_posts_from_two_services_stay_one_chain(client, alice):
+    """Posts into one channel from two connections at once: the chain has no fork."""
+    channel_id = await make_channel(client, alice)
+    messages = client.app[MESSAGES]
+    user = alice.user
+    await asyncio.gather(*(messages.post(user, channel_id, f"r{i}") for i in range(40)))
+    rows = await messages.db.fetch(
+        "SELECT id, prev_id FROM messages WHERE channel_id = %s ORDER BY id", (channel_id,)
+    )
+    assert [r["prev_id"] for r in rows] == [0] + [r["id"] for r in rows[:-1]]
+
+
+async def test_released_feeds_are_forgotten(setup):
+    feeds, sink, channel_id, db, alice = setup
+    feeds.acquire(channel_id)  # a second stream on the channel
+    feeds.release(channel_id)
+    assert channel_id in feeds.feeds
+    feeds.release(channel_id)
+    assert channel_id not in feeds.feeds
+    (m,) = await store(db, channel_id, alice.id, 1)
+    feeds.on_message(event(m))  # nobody follows it here: ignored
+    assert sink.batches == []
+
+
+def test_reconcile_interval_bounds(client):
+    base = client.app[SETTINGS]
+    assert reconcile_interval(base) == 1.0
+    assert reconcile_interval(replace(base, sse_catchup_s=1.0)) == pytest.approx(0.2)
+    assert reconcile_interval(replace(base, sse_catchup_s=0.1)) == 0.05
+
+
+async def test_visible_ids_and_memberships(client, alice, bob):
+    channels = client.app[CHANNELS]
+    public = await make_channel(client, alice, "pub")
+    private = await make_channel(client, alice, "priv", private=True)
+    assert await channels.visible_ids(bob.user, [public, private, 999_999]) == {public}
+    assert await channels.visible_ids(alice.user, [public, private]) == {public, private}
+    assert await channels.member_ids(alice.user) == sorted([public, private])
+    assert await channels.member_ids(bob.user) == []
