@@ -265,6 +265,25 @@ class Target:
     """One server under test: how to start it, open a stream, post, count streams."""
 
     name = ""
+    probe = ""
+
+    async def prepare_blast(self, seqs: list[int]) -> list[Any]:
+        raise NotImplementedError
+
+    async def blast(self, session: Any, redis: Any, prepared: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def active(self, session: Any) -> int:
+        raise NotImplementedError
+
+    def request(self) -> str:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    async def post(self, session: Any, seq: int) -> None:
+        raise NotImplementedError
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -277,12 +296,14 @@ class Target:
         return self.proc.pid
 
     async def wait_up(self, session: Any) -> None:
+        import aiohttp
+
         for _ in range(300):
             try:
                 async with session.get(f"http://127.0.0.1:{self.port}{self.probe}") as resp:
                     if resp.status < 500:
                         return
-            except OSError:
+            except (OSError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{self.name} did not start")
@@ -327,23 +348,63 @@ class HeraldTarget(Target):
         ) as resp:
             assert resp.status == 201, await resp.text()
 
-    async def blast(self, session: Any, redis: Any, seqs: list[int]) -> None:
+    async def prepare_blast(self, seqs: list[int]) -> list[str]:
+        """Messages committed first (one INSERT, the channel's prev_id chain kept), so the
+        events the blast publishes are ones the feeds accept in order."""
+        import psycopg2
+
+        def insert() -> list[str]:
+            conn = psycopg2.connect(self.env["DATABASE_URL"])
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT COALESCE(max(id), 0) FROM messages WHERE channel_id = %s",
+                        (self.channel_id,),
+                    )
+                    prev = cur.fetchone()[0]
+                    cur.execute(
+                        "INSERT INTO messages (channel_id, author_id, body)"
+                        " SELECT %s, (SELECT min(id) FROM users), 'mk:' || g || ':'"
+                        " FROM unnest(%s::int[]) WITH ORDINALITY AS t(g, n) ORDER BY n"
+                        " RETURNING id, author_id, body",
+                        (self.channel_id, seqs),
+                    )
+                    rows = sorted(cur.fetchall())
+                    payloads = []
+                    for mid, author, body in rows:
+                        cur.execute("UPDATE messages SET prev_id = %s WHERE id = %s", (prev, mid))
+                        message = {
+                            "id": mid,
+                            "channel_id": self.channel_id,
+                            "author": {"id": author, "name": "bench"},
+                            "body": body,
+                            "created_at": "x",
+                        }
+                        payloads.append(
+                            json.dumps(
+                                {
+                                    "type": "message",
+                                    "channel_id": self.channel_id,
+                                    "prev_id": prev,
+                                    "message": message,
+                                }
+                            )
+                        )
+                        prev = mid
+                    return payloads
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(insert)
+
+    async def blast(self, session: Any, redis: Any, prepared: list[Any]) -> None:
         """Events straight onto the bus (fan-out capacity, not the REST path)."""
         from shared.constants import events_channel
 
         channel = events_channel(int(REDIS_URL.rsplit("/", 1)[1]))
-        for seq in seqs:
-            msg = {
-                "id": 10_000_000 + seq,
-                "channel_id": self.channel_id,
-                "author": {"id": 1, "name": "b"},
-                "body": f"mk:{seq}:",
-                "created_at": "x",
-            }
-            await redis.publish(
-                channel,
-                json.dumps({"type": "message", "channel_id": self.channel_id, "message": msg}),
-            )
+        for payload in prepared:
+            await redis.publish(channel, payload)
 
     async def active(self, session: Any) -> int:
         async with session.get(f"http://127.0.0.1:{self.port}/health") as resp:
@@ -364,8 +425,11 @@ class StockTarget(Target):
         async with session.post(f"http://127.0.0.1:{self.port}/publish", data=f"mk:{seq}:") as r:
             assert r.status == 200
 
-    async def blast(self, session: Any, redis: Any, seqs: list[int]) -> None:
-        await asyncio.gather(*(self.post(session, s) for s in seqs))
+    async def prepare_blast(self, seqs: list[int]) -> list[Any]:
+        return list(seqs)
+
+    async def blast(self, session: Any, redis: Any, prepared: list[Any]) -> None:
+        await asyncio.gather(*(self.post(session, s) for s in prepared))
 
     async def active(self, session: Any) -> int:
         async with session.get(f"http://127.0.0.1:{self.port}/count") as resp:
@@ -473,8 +537,9 @@ async def measure(target: Target, clients: ClientProc, sizes: list[int]) -> dict
             if n == 1000:
                 seqs = list(range(target.seq, target.seq + 100))
                 target.seq += 100
+                prepared = await target.prepare_blast(seqs)
                 t0 = time.monotonic()
-                await target.blast(session, redis, seqs)
+                await target.blast(session, redis, prepared)
                 got = await clients.call(cmd="wait", seqs=seqs, count=n, timeout=60)
                 last = max(v["last"] for v in got.values())
                 total = sum(v["n"] for v in got.values())
@@ -482,6 +547,143 @@ async def measure(target: Target, clients: ClientProc, sizes: list[int]) -> dict
         await clients.call(cmd="close")
         await settle()
     await redis.aclose()
+    return res
+
+
+async def post_and_wait(
+    session: Any, clients: ClientProc, port: int, token: str, channel_id: int, seq: int, n: int
+) -> float:
+    """Post one marked message; ms until ``n`` streams have it."""
+    url = f"http://127.0.0.1:{port}/api/v1/channels/{channel_id}/messages"
+    t0 = time.monotonic()
+    async with session.post(
+        url, json={"body": f"mk:{seq}:"}, headers={"Authorization": f"Bearer {token}"}
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+    got = (await clients.call(cmd="wait", seqs=[seq], count=n, timeout=30))[str(seq)]
+    assert got["n"] >= n, got
+    return float((got["last"] - t0) * 1000)
+
+
+async def make_channels(session: Any, port: int, token: str, prefix: str, k: int) -> list[int]:
+    ids = []
+    for i in range(k):
+        async with session.post(
+            f"http://127.0.0.1:{port}/api/v1/channels",
+            json={"name": f"{prefix}-{i}"},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:
+            body = await resp.json()
+            assert resp.status == 201, body
+            ids.append(body["id"])
+    return ids
+
+
+async def measure_multi(target: HeraldTarget, clients: ClientProc, n: int) -> dict[str, Any]:
+    """``n`` multi-channel streams over 20 channels each; posts spread over the channels."""
+    import aiohttp
+
+    res: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as session:
+        await target.wait_up(session)
+        channels = await make_channels(session, target.port, target.token, "multi", 20)
+        request = (
+            f"GET /api/v1/events?channels={','.join(map(str, channels))} HTTP/1.1\r\n"
+            f"Host: x\r\nAuthorization: Bearer {target.token}\r\n\r\n"
+        )
+        rss0 = rss_kb(target.pid)
+        out = await clients.call(
+            cmd="open", n=n, host="127.0.0.1", port=target.port, request=request
+        )
+        assert out["failed"] == 0, out
+        await asyncio.sleep(2.0)
+        res["multi_kbper"] = (rss_kb(target.pid) - rss0) / n
+        lat = []
+        for i in range(40):
+            seq = target.seq
+            target.seq += 1
+            lat.append(
+                await post_and_wait(
+                    session, clients, target.port, target.token, channels[i % 20], seq, n
+                )
+            )
+            await asyncio.sleep(0.05)
+        res["multi_p50"], res["multi_p99"] = pct(lat, 0.5), pct(lat, 0.99)
+        await clients.call(cmd="close")
+    return res
+
+
+async def measure_fault(env: dict[str, str], token: str, clients: ClientProc) -> dict[str, Any]:
+    """Redis stopped for 5 s under 20 posts/s, 200 streams: every message still reaches
+    every stream (the feeds read PostgreSQL); how long posts during the outage took to
+    reach all, and after Redis came back."""
+    import aiohttp
+
+    rport = free_port()
+    redis_cmd = ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", ""]
+    redis_cmd += ["--appendonly", "no"]
+    hport = free_port()
+    while hport == rport:
+        hport = free_port()
+    redis_proc = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)
+    target = HeraldTarget(hport, {**env, "REDIS_URL": f"redis://127.0.0.1:{rport}/0"})
+    target.token = token
+    n = 200
+    res: dict[str, Any] = {}
+    try:
+        for _ in range(100):
+            ping = subprocess.run(
+                ["redis-cli", "-p", str(rport), "ping"], capture_output=True, text=True
+            )
+            if ping.stdout.strip() == "PONG":
+                break
+            await asyncio.sleep(0.05)
+        target.start()
+        async with aiohttp.ClientSession() as session:
+            await target.wait_up(session)
+            (channel,) = await make_channels(session, target.port, token, "fault", 1)
+            target.channel_id = channel
+            out = await clients.call(
+                cmd="open", n=n, host="127.0.0.1", port=target.port, request=target.request()
+            )
+            assert out["failed"] == 0, out
+            posted: list[tuple[int, float, str]] = []
+            start = time.monotonic()
+            stopped_at = restarted_at = 0.0
+            seq = 1_000_000
+            while time.monotonic() - start < 12:
+                phase = time.monotonic() - start
+                if phase >= 2 and not stopped_at:
+                    redis_proc.terminate()
+                    redis_proc.wait()
+                    stopped_at = time.monotonic()
+                if phase >= 7 and not restarted_at:
+                    redis_proc = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)
+                    restarted_at = time.monotonic()
+                when = "outage" if stopped_at and not restarted_at else "normal"
+                url = f"http://127.0.0.1:{target.port}/api/v1/channels/{channel}/messages"
+                async with session.post(
+                    url, json={"body": f"mk:{seq}:"}, headers={"Authorization": f"Bearer {token}"}
+                ) as resp:
+                    if resp.status == 201:
+                        posted.append((seq, time.monotonic(), when))
+                seq += 1
+                await asyncio.sleep(0.05)
+            got = await clients.call(cmd="wait", seqs=[p[0] for p in posted], count=n, timeout=30)
+            outage = [(s, t) for s, t, w in posted if w == "outage"]
+            late = [(got[str(s)]["last"] - t) * 1000 for s, t in outage if got[str(s)]["n"]]
+            res["fault_posted"] = len(posted)
+            res["fault_outage_posts"] = len(outage)
+            res["fault_delivered"] = sum(got[str(s)]["n"] for s, _, _ in posted)
+            res["fault_expected"] = len(posted) * n
+            res["fault_p50"], res["fault_p99"] = pct(late, 0.5), pct(late, 0.99)
+            caught = max(got[str(s)]["last"] for s, _ in outage) if outage else restarted_at
+            res["fault_after_restart_ms"] = max(0.0, (caught - restarted_at) * 1000)
+            await clients.call(cmd="close")
+    finally:
+        target.stop()
+        redis_proc.terminate()
+        redis_proc.wait()
     return res
 
 
@@ -586,13 +788,31 @@ async def driver(args: argparse.Namespace) -> None:
             target.start()
             try:
                 rows[name] = await measure(target, clients, sizes)
+                if isinstance(target, HeraldTarget) and target.gc_tune:
+                    rows[name].update(await measure_multi(target, clients, 1000))
             finally:
                 target.stop()
             print(f"   done in {time.monotonic() - started:.0f}s", flush=True)
+        print("== herald: Redis outage under load ...", flush=True)
+        fault = await measure_fault(env, token, clients)
     finally:
         clients.stop()
         drop_db(db_name)
     report(rows, sizes)
+    print("\nHerald only: one stream for 20 channels, and a Redis outage")
+    h = rows["herald"]
+    print(f"  1000 streams x 20 channels: {h['multi_kbper']:.1f} KB per stream,")
+    print(f"    post -> all 1000: p50 {h['multi_p50']:.1f} ms, p99 {h['multi_p99']:.1f} ms")
+    print(
+        f"  Redis stopped 5 s under 20 posts/s, 200 streams: {fault['fault_posted']} posted"
+        f" ({fault['fault_outage_posts']} during the outage), delivered"
+        f" {fault['fault_delivered']}/{fault['fault_expected']}"
+    )
+    print(
+        f"    posts during the outage -> all streams: p50 {fault['fault_p50']:.0f} ms,"
+        f" p99 {fault['fault_p99']:.0f} ms; all caught up"
+        f" {fault['fault_after_restart_ms']:.0f} ms after Redis was back"
+    )
     print(
         "\n(fan-out to herald includes the REST post, its database commit and the Redis hop;"
         " to stock, one HTTP post. Deliveries/s: events straight onto herald's bus vs"
