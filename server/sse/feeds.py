@@ -95,6 +95,11 @@ class Feeds:
         self._full_due = 0.0
         self._failing = False
         self._task: asyncio.Task[None] | None = None
+        # Labelled children looked up once: on_message runs for every bus event.
+        events = metrics.sse_feed_events
+        self._in_order = events.labels("in_order")
+        self._gap = events.labels("gap")
+        self._duplicate = events.labels("duplicate")
 
     # -- following channels --------------------------------------------------------
 
@@ -139,13 +144,13 @@ class Feeds:
             self._hold(feed, stored)
             return
         if stored.id <= feed.head:
-            self.metrics.sse_feed_events.labels("duplicate").inc()
+            self._duplicate.inc()
             return
         if stored.prev_id == feed.head:
-            self.metrics.sse_feed_events.labels("in_order").inc()
+            self._in_order.inc()
             self._write(feed, [stored])
             return
-        self.metrics.sse_feed_events.labels("gap").inc()
+        self._gap.inc()
         self._hold(feed, stored)
         self._want(feed.channel_id)
 

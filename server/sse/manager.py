@@ -370,14 +370,26 @@ class StreamManager:
         now = time.monotonic()
         limit = self.settings.sse_buffer_bytes
         trouble: list[tuple[Stream, int]] = []
+        written = 0
+        # The hot path (one message, per-channel streams) inline: no list, no call.
+        single = encoded[0] if len(encoded) == 1 else None
         for s in subs:
             state = s.state
             if state == LIVE:
-                if s.catching_up is not None and channel_id in s.catching_up:
+                if single is not None and s.positions is None:
+                    if single[0] <= s.sent_id:
+                        continue
+                    s.sent_id = single[0]
+                    outcome = s.send(single[1].with_id, now, limit)
+                    n = 1
+                elif s.catching_up is not None and channel_id in s.catching_up:
                     s.catching_up[channel_id].append(encoded)
                     continue
-                outcome = self._write_batch(s, channel_id, encoded, now, limit)
-                if outcome != WRITTEN:
+                else:
+                    outcome, n = self._write_batch(s, channel_id, encoded, now, limit)
+                if outcome == WRITTEN:
+                    written += n
+                else:
                     trouble.append((s, outcome))
             elif state == SETUP and s.buffer is not None and s.close_reason is None:
                 # Replay in progress: keep it for go_live, bounded like any backlog.
@@ -385,21 +397,22 @@ class StreamManager:
                 s.buffered_bytes += size
                 if s.buffered_bytes > limit:
                     trouble.append((s, FULL))
+        self.sent.inc("message", written)
         for s, outcome in trouble:
             self._trouble(s, outcome)
 
     def _write_batch(
         self, s: Stream, channel_id: int, encoded: Batch, now: float, limit: int
-    ) -> int:
+    ) -> tuple[int, int]:
         """Write what of ``encoded`` the stream has not had, in one write: per-channel
         streams get each frame with its id; multi-channel ones the bare frames and then
-        their cursor. Nothing awaits here."""
+        their cursor. Nothing awaits here. Returns the outcome and how many it wrote."""
         positions = s.positions
         if positions is None:
             after = s.sent_id
             parts = [f.with_id for mid, f in encoded if mid > after]
             if not parts:
-                return WRITTEN
+                return WRITTEN, 0
             s.sent_id = encoded[-1][0]
             if len(parts) == 1:
                 data = parts[0].chunked if s.chunked else parts[0].raw
@@ -409,16 +422,13 @@ class StreamManager:
             after = positions.get(channel_id, -1)
             bare = [f.bare for mid, f in encoded if mid > after]
             if not bare:
-                return WRITTEN
+                return WRITTEN, 0
             positions[channel_id] = encoded[-1][0]
             data = b"".join(b.chunked if s.chunked else b.raw for b in bare) + s.frame_bytes(
                 frames.cursor_id(self.cursor_for(s))
             )
             parts = bare
-        outcome = s.send_bytes(data, now, limit, events=len(parts))
-        if outcome == WRITTEN:
-            self.sent.inc("message", len(parts))
-        return outcome
+        return s.send_bytes(data, now, limit, events=len(parts)), len(parts)
 
     def cursor_for(self, s: Stream) -> str:
         """The stream's cursor now: the process's watermark, plus the channels where
@@ -451,10 +461,11 @@ class StreamManager:
             if joined is not None and channel_id in joined:
                 joined[channel_id].append(encoded)
                 continue
-            outcome = self._write_batch(stream, channel_id, encoded, now, limit)
+            outcome, n = self._write_batch(stream, channel_id, encoded, now, limit)
             if outcome != WRITTEN:
                 self._trouble(stream, outcome)
                 return
+            self.sent.inc("message", n)
         # Channels joined during SETUP: announced now, replayed from their join.
         for channel_id in list(joined or ()):
             if stream.state != LIVE:
@@ -672,10 +683,11 @@ class StreamManager:
                 return
         now = time.monotonic()
         for encoded in waiting:
-            outcome = self._write_batch(stream, channel_id, encoded, now, limit)
+            outcome, n = self._write_batch(stream, channel_id, encoded, now, limit)
             if outcome != WRITTEN:
                 self._trouble(stream, outcome)
                 return
+            self.sent.inc("message", n)
 
     # -- the sweep: heartbeats, stale and slow consumers, vanished peers ------------
 
