@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -48,6 +47,7 @@ from shared.metrics import Metrics
 from shared.services.keys import CURSOR_KEY, load_key
 from shared.services.wiring import build_services
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 # JSON bodies are small; attachments stream through the multipart reader instead.
 MAX_JSON_BYTES = 1024 * 1024
@@ -104,9 +104,7 @@ async def delayed_ctx(app: web.Application) -> AsyncIterator[None]:
     fresh (the worker writes them); at shutdown, lets an admission batch finish."""
     task = asyncio.create_task(app[QUEUE_STATS].refresh_forever(), name="queue-figures")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     await app[DELAYED].close()
 
 

@@ -36,6 +36,7 @@ from shared.bus import MessagePosted
 from shared.metrics import Metrics
 from shared.services.messages import MessageService, Posted
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +192,8 @@ class Feeds:
         self._task = asyncio.create_task(self._run(), name="herald-sse-feeds")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         delay = RETRY_FIRST_S

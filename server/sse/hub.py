@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from shared.bus import BusEvent, decode_event
 from shared.metrics import Metrics
+from shared.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,8 @@ class Hub:
         self._task = asyncio.create_task(self._run(), name="herald-bus-listener")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         delay = 0.1

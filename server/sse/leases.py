@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from shared.constants import sse_ip_key
 from shared.metrics import Metrics
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,8 @@ class IpLeases:
         self._task = asyncio.create_task(self._run(holders), name="herald-sse-leases")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         # Give back what this process held, so a restart does not wait out the TTL.
         with contextlib.suppress(Exception):
             await self._flush_releases()

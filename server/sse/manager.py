@@ -8,7 +8,6 @@ it guards, so "check the limits, then register" is atomic without a lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -38,6 +37,7 @@ from shared.errors import RetryLater
 from shared.metrics import Metrics, Tally
 from shared.services.messages import MessageService, Posted
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -695,13 +695,8 @@ class StreamManager:
         self._task = asyncio.create_task(self._run(), name="herald-sse-sweep")
 
     async def stop(self) -> None:
-        tasks = [*self._catch_ups, *([self._task] if self._task is not None else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task, *self._catch_ups)
 
     async def _run(self) -> None:
         while True:
