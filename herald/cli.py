@@ -153,7 +153,25 @@ def cmd_jobs_status(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if state.status == "not_found" else 0
 
 
+def cmd_smoke(settings: Settings, args: argparse.Namespace) -> int:
+    """Check a running deployment end to end; exit 1 naming the step that failed."""
+    from herald.smoke import run_smoke
+
+    return run_smoke(args.url, args.token)
+
+
+def http_url(value: str) -> str:
+    """argparse type for --url: an http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {value!r}")
+    return value
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "smoke": cmd_smoke,
     "serve": cmd_serve,
     "worker": cmd_worker,
     "migrate": cmd_migrate,
@@ -209,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="audit_command", required=True
     )
     audit.add_parser("verify", help="check the audit trail's hash chain (exit 1 on a break)")
+    smoke = sub.add_parser(
+        "smoke",
+        help="check a running deployment end to end",
+        description="Health, auth, a post received over a stream and a delayed message"
+        " delivered by the worker, against a running deployment; exit 0, or 1 naming the"
+        " step that failed. Creates and deletes a private channel named smoke-….",
+    )
+    smoke.add_argument("--url", required=True, type=http_url, help="e.g. http://127.0.0.1:8080")
+    smoke.add_argument("--token", required=True, help="an API token of any user")
     return parser
 
 
