@@ -1,9 +1,10 @@
-"""Bearer auth on every /api/v1 route; ``?access_token=`` on the SSE route only."""
+"""Bearer auth on every /api/v1 route; ``?access_token=`` on the SSE routes only."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AuthUser
@@ -95,11 +96,12 @@ async def test_query_token_ignored_on_lookalike_path(
     await expect_401(resp)
 
 
-async def test_query_token_accepted_on_the_sse_route(
-    client: TestClient[Any, Any], alice: AuthUser
+@pytest.mark.parametrize("multi", [False, True])
+async def test_query_token_accepted_on_the_sse_routes(
+    client: TestClient[Any, Any], alice: AuthUser, multi: bool
 ) -> None:
     channel_id = await make_channel(client, alice, "live")
-    url = f"{API}/channels/{channel_id}/events"
+    url = f"{API}/events?channels={channel_id}" if multi else f"{API}/channels/{channel_id}/events"
     resp = await client.get(url, params={"access_token": alice.token})
     try:
         assert resp.status == 200
