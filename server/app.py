@@ -112,10 +112,12 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, manager = app[SETTINGS], app[STREAMS]
     feeds = Feeds(messages=app[MESSAGES], sink=manager, settings=settings, metrics=app[METRICS])
     leases = IpLeases(redis=app[REDIS], settings=settings, metrics=app[METRICS])
-    manager.attach(feeds, app[MESSAGES], await load_key(app[DB], CURSOR_KEY), leases)
+    manager.attach(feeds, app[MESSAGES], await load_key(app[DB], CURSOR_KEY), leases, app[CHANNELS])
     hub = Hub(app[REDIS], events_channel(settings.redis_db), app[METRICS])
     hub.add_listener(manager.on_event)
-    hub.on_subscribed.append(feeds.resync)
+    hub.on_subscribed.append(feeds.bus_back)
+    hub.on_lost.append(feeds.bus_lost)
+    feeds.access_check = manager.recheck_access
     app[HUB] = hub
     feeds.start()  # ordered per-channel feeds; reconciles with PostgreSQL (feeds.py)
     hub.start()

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 from shared.bus import MessagePosted
@@ -47,6 +47,7 @@ FILL_MAX = 1000
 HEADS_BATCH = 64
 # Events held ahead of a gap, per channel; past it they are dropped (the fill reads them).
 HOLD_MAX = 2000
+ACCESS_RECHECK_S = 30.0
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 2.0
 
@@ -96,6 +97,13 @@ class Feeds:
         self._full_due = 0.0
         self._failing = False
         self._task: asyncio.Task[None] | None = None
+        # Access re-checks (the manager's, who holds the streams): at once after the bus
+        # was lost, on every pass while it is down, and every ACCESS_RECHECK_S anyway (a
+        # removal's publisher killed after its commit loses the event too).
+        self.access_check: Callable[[], Awaitable[None]] | None = None
+        self.bus_up = True
+        self._recheck = False
+        self._next_access_check = time.monotonic() + ACCESS_RECHECK_S
         # Labelled children looked up once: on_message runs for every bus event.
         events = metrics.sse_feed_events
         self._in_order = events.labels("in_order")
@@ -141,8 +149,11 @@ class Feeds:
         if feed is None:
             return
         stored = Posted(event.message, event.prev_id)
-        if feed.head is None:
+        if feed.head is None or self._recheck:
+            # Not before the head is known, nor before access is re-checked after an
+            # outage (a removal's event may have been lost with it).
             self._hold(feed, stored)
+            self._want(feed.channel_id)
             return
         if stored.id <= feed.head:
             self._duplicate.inc()
@@ -154,6 +165,16 @@ class Feeds:
         self._gap.inc()
         self._hold(feed, stored)
         self._want(feed.channel_id)
+
+    def bus_lost(self) -> None:
+        """The bus subscription dropped: events may be lost from now on, removals among
+        them. Until access is re-checked, nothing is written on what the bus says."""
+        self.bus_up = False
+        self._recheck = True
+
+    def bus_back(self) -> None:
+        self.bus_up = True
+        self.resync()
 
     def resync(self) -> None:
         """The bus came back (or may have lost events): reconcile every feed now."""
@@ -232,6 +253,13 @@ class Feeds:
 
     async def sync(self, channel_ids: Iterable[int]) -> None:
         """Read the heads of these channels and bring each feed up to them."""
+        now = time.monotonic()
+        if self._recheck or not self.bus_up or now >= self._next_access_check:
+            if self.access_check is not None:
+                await self.access_check()
+            self._next_access_check = now + ACCESS_RECHECK_S
+            if self.bus_up:
+                self._recheck = False
         ids = sorted(c for c in channel_ids if c in self.feeds)
         for start in range(0, len(ids), HEADS_BATCH):
             await self._sync_batch(ids[start : start + HEADS_BATCH])

@@ -32,6 +32,8 @@ class Hub:
         # Called each time the subscription is (re)made: events published while it was
         # down are gone, and the feeds reconcile from PostgreSQL at once.
         self.on_subscribed: list[Callable[[], None]] = []
+        # Called once when the subscription is lost (events may be lost from then on).
+        self.on_lost: list[Callable[[], None]] = []
         self.subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -69,6 +71,8 @@ class Hub:
                     # One line per outage, not one per attempt.
                     logger.warning("bus subscription lost (%s); reconnecting", exc)
                     lost = True
+                    for callback in self.on_lost:
+                        callback()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:

@@ -35,6 +35,7 @@ from server.sse.stream import (
 from shared.bus import BusEvent, MemberAdded, MemberRemoved, MessagePosted
 from shared.errors import RetryLater
 from shared.metrics import Metrics, Tally
+from shared.services.channels import ChannelService
 from shared.services.messages import MessageService, Posted
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
@@ -131,6 +132,7 @@ class StreamManager:
         self.feeds: Feeds | None = None
         self.messages: MessageService | None = None
         self.leases: IpLeases | None = None
+        self.channels: ChannelService | None = None
         self.cursor_key = b""
         metrics.sse_active.set_function(lambda: len(self.streams))
         metrics.sse_peak.set_function(lambda: self.peak)
@@ -143,11 +145,13 @@ class StreamManager:
         messages: MessageService,
         cursor_key: bytes,
         leases: IpLeases | None = None,
+        channels: ChannelService | None = None,
     ) -> None:
         self.feeds = feeds
         self.messages = messages
         self.cursor_key = cursor_key
         self.leases = leases
+        self.channels = channels
 
     # The figures under their first names (tests and /health read these).
     @property
@@ -569,6 +573,28 @@ class StreamManager:
             if at is not None and at >= since:
                 return True
         return False
+
+    async def recheck_access(self) -> None:
+        """Drop what open streams may no longer see, as their removal event would have
+        (feeds.py calls this when bus events may have been lost): a per-channel or
+        chosen-channels stream keeps a channel while its user may see it, a membership
+        stream while its user is a member."""
+        if self.channels is None or not self.streams:
+            return
+        wanted: dict[tuple[int, int], bool] = {}
+        for s in self.streams.values():
+            for c in s.channels:
+                key = (c, s.user_id)
+                wanted[key] = wanted.get(key, False) or s.kind == MEMBERSHIP
+        lost = await self.channels.lost_access(
+            [(c, u, member) for (c, u), member in wanted.items()]
+        )
+        for c, u in lost:
+            for s in list(self.by_channel.get(c, ())):
+                if s.user_id == u:
+                    self.unsubscribe(s, c)
+        if lost:
+            logger.info("SSE: %d channel follow(s) dropped on an access re-check", len(lost))
 
     def joined_since(self, user_id: int, since: float) -> list[tuple[int, int]]:
         """Channels the user joined at or after ``since``, with each join's position."""

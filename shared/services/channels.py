@@ -192,6 +192,27 @@ class ChannelService:
         )
         return {int(r["id"]) for r in rows}
 
+    async def lost_access(self, follows: list[tuple[int, int, bool]]) -> set[tuple[int, int]]:
+        """Of ``(channel, user, needs membership)`` follows, those that no longer hold:
+        the channel is gone, or the user is not a member where that is needed, or may
+        not see it (private, not a member, not an admin). In chunks of 5,000."""
+        lost: set[tuple[int, int]] = set()
+        for start in range(0, len(follows), 5000):
+            chunk = follows[start : start + 5000]
+            rows = await self.db.fetch(
+                "SELECT t.c, t.u FROM unnest(%s::bigint[], %s::bigint[], %s::bool[])"
+                "  AS t(c, u, member_only)"
+                " LEFT JOIN channels ch ON ch.id = t.c"
+                " LEFT JOIN users us ON us.id = t.u"
+                " LEFT JOIN channel_members m ON m.channel_id = t.c AND m.user_id = t.u"
+                " WHERE ch.id IS NULL OR us.id IS NULL"
+                "  OR (m.user_id IS NULL AND (t.member_only"
+                "      OR (ch.is_private AND NOT us.is_admin)))",
+                ([c for c, _, _ in chunk], [u for _, u, _ in chunk], [m for _, _, m in chunk]),
+            )
+            lost |= {(int(r["c"]), int(r["u"])) for r in rows}
+        return lost
+
     async def member_ids(self, user: User) -> list[int]:
         """The channels the user is a member of, by id."""
         rows = await self.db.fetch(

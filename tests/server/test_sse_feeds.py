@@ -169,3 +169,56 @@ async def test_visible_ids_and_memberships(client, alice, bob):
     assert await channels.visible_ids(alice.user, [public, private]) == {public, private}
     assert await channels.member_ids(alice.user) == sorted([public, private])
     assert await channels.member_ids(bob.user) == []
+
+
+async def test_after_the_bus_was_lost_nothing_is_written_before_access_is_rechecked(setup):
+    feeds, sink, channel_id, db, alice = setup
+    checks: list[int] = []
+
+    async def access_check() -> None:
+        checks.append(len(sink.batches))  # what had been written when it ran
+
+    feeds.access_check = access_check
+    (m1,) = await store(db, channel_id, alice.id, 1)
+    feeds.bus_lost()
+    feeds.bus_back()
+    feeds.on_message(event(m1))  # in sequence, but a removal may have been lost: held
+    assert sink.batches == []
+    await feeds.sync([channel_id])
+    assert checks == [0] and sink.ids(channel_id) == [m1.id]
+    (m2,) = await store(db, channel_id, alice.id, 1)
+    feeds.on_message(event(m2))  # checked: live again
+    assert sink.ids(channel_id) == [m1.id, m2.id]
+
+
+async def test_access_recheck_drops_what_a_lost_removal_should_have(client, alice, bob):
+    """A removal whose bus event never came (done in SQL here, as a lost event leaves
+    it): the re-check closes the per-channel stream and unsubscribes the multi one."""
+    from server.keys import STREAMS
+    from tests.helpers import API
+    from tests.sse_helpers import SSEReader
+
+    private = await make_channel(client, alice, "club", private=True)
+    public = await make_channel(client, alice, "open")
+    for c in (private, public):
+        resp = await client.post(
+            f"{API}/channels/{c}/members", json={"user_id": bob.id}, headers=alice.headers
+        )
+        assert resp.status == 204
+    one = await client.get(f"{API}/channels/{private}/events", headers=bob.headers)
+    members = await client.get(f"{API}/events", headers=bob.headers)
+    readers = [SSEReader(one.content), SSEReader(members.content)]
+    for r in readers:
+        await r.until("ready")
+    await client.app[MESSAGES].db.execute(
+        "DELETE FROM channel_members WHERE channel_id = %s AND user_id = %s", (private, bob.id)
+    )
+    await client.app[STREAMS].recheck_access()
+    closed = await readers[0].until("close")
+    assert closed.data["reason"] == "revoked"
+    gone = await readers[1].until("unsubscribed")
+    assert gone.data == {"channel_id": private, "reason": "revoked"}
+    (stream,) = [s for s in client.app[STREAMS].streams.values() if s.kind == 2]
+    assert stream.channels == {public}
+    one.close()
+    members.close()
