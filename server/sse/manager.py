@@ -132,7 +132,6 @@ class StreamManager:
         metrics.sse_active.set_function(lambda: len(self.streams))
         metrics.sse_peak.set_function(lambda: self.peak)
         metrics.sse_stale_active.set_function(lambda: self.stale_active)
-        metrics.sse_new_per_s.set_function(lambda: self.rate.rate(time.monotonic()))
 
     def attach(self, feeds: Feeds, messages: MessageService, cursor_key: bytes) -> None:
         self.feeds = feeds
