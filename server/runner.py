@@ -24,6 +24,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from server.app import begin_draining, init_app
+from server.clientip import resolve
 from server.keys import SETTINGS, STREAMS
 from shared.entry import configure_logging, describe, fail, run_command
 from shared.sdnotify import Notifier
@@ -41,11 +42,20 @@ def redact(path_qs: str) -> str:
     return SECRET_PARAMS.sub(r"\1[redacted]", path_qs)
 
 
+def client_address(request: web.BaseRequest) -> str:
+    """The client as the per-IP limits see it: through trusted proxies' X-Forwarded-For
+    (server/clientip.py). From the peer name aiohttp kept at the request's start: a
+    stream is logged when it ends, after its transport is gone."""
+    app = request.app if isinstance(request, web.Request) else None
+    trusted = app[SETTINGS].trusted_proxies if app is not None and SETTINGS in app else ()
+    return resolve(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)
+
+
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             "%s %s %s %d %.1fms",
-            request.remote,
+            client_address(request),
             request.method,
             redact(request.path_qs),
             response.status,
@@ -181,7 +191,7 @@ def serve(settings: Settings) -> None:
 
 def serve_command(settings: Settings) -> int:
     """``herald serve``: exit 0 after the drain; 1 with one line if it cannot listen."""
-    configure_logging()
+    configure_logging(settings)
     try:
         serve(settings)
     except OSError as exc:  # bind failed: address in use, not local, name unknown

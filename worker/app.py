@@ -147,7 +147,7 @@ def worker_command(settings: Settings, *, check: bool = False) -> int:
         ok = asyncio.run(worker_alive(settings))
         print("worker: healthy" if ok else "worker: no fresh health-check key")
         return 0 if ok else 1
-    configure_logging()
+    configure_logging(settings)
     asyncio.run(run_worker(settings))
     return 0
 
