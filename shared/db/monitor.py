@@ -222,7 +222,7 @@ class QueryMonitor:
                 stats = StatementStats(id=statement_id(text), text=text)
                 self.statements[text] = stats
                 # The id is all the metrics carry; this line says what it stands for.
-                logger.info("statement %s: %s", stats.id, text)
+                logger.debug("statement %s: %s", stats.id, text)
         # Raw strings are remembered only up to a bound: SQL built with literals in it
         # would otherwise grow this map without end (it is then normalised every time).
         if len(self._by_raw) < RAW_CACHE_MAX:

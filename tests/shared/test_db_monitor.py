@@ -346,7 +346,7 @@ async def test_each_statement_id_is_logged_with_its_text_once(
     monitored: tuple[Database, QueryMonitor], caplog: pytest.LogCaptureFixture
 ) -> None:
     db, mon = monitored
-    caplog.set_level(logging.INFO, logger="shared.db.monitor")
+    caplog.set_level(logging.DEBUG, logger="shared.db.monitor")
     for _ in range(3):
         await db.fetchval("SELECT 41 + 1")
     await db.fetchval("SELECT 'other'")

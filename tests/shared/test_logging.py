@@ -14,8 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from server.keys import SETTINGS
-from server.runner import AccessLogger
+from server.runner import access_logger_for
 from shared.entry import configure_logging
 from shared.settings import Settings
 from worker.app import build_worker
@@ -109,13 +108,10 @@ async def test_an_idle_workers_cron_ticks_write_no_info_lines(settings, restore_
     assert len(infos) < 10, infos  # start/stop and statement ids, not per tick
 
 
-def mocked(headers: dict[str, str], trusted: str | None) -> web.Request:
-    app = web.Application()
-    proxies = (ipaddress.ip_network(trusted),) if trusted else ()
-    app[SETTINGS] = replace(base(), trusted_proxies=proxies)
+def mocked(headers: dict[str, str]) -> web.Request:
     transport = mock.Mock()
     transport.get_extra_info.return_value = ("127.0.0.1", 40000)
-    return make_mocked_request("GET", "/health", headers=headers, app=app, transport=transport)
+    return make_mocked_request("GET", "/health", headers=headers, transport=transport)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +119,9 @@ def mocked(headers: dict[str, str], trusted: str | None) -> web.Request:
 )
 def test_access_log_shows_the_client_through_trusted_proxies(trusted, expected):
     logger = mock.Mock()
-    request = mocked({"X-Forwarded-For": "198.51.100.1, 203.0.113.9"}, trusted)
-    AccessLogger(logger, "").log(request, web.Response(), 0.002)
+    request = mocked({"X-Forwarded-For": "198.51.100.1, 203.0.113.9"})
+    proxies = (ipaddress.ip_network(trusted),) if trusted else ()
+    access = access_logger_for(replace(base(), trusted_proxies=proxies))
+    access(logger, "").log(request, web.Response(), 0.002)
     _fmt, address, *_ = logger.info.call_args.args
     assert address == expected
