@@ -152,6 +152,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # The limits themselves, so alerts can say "near the limit" without knowing them.
+        self.sse_limit = Gauge(
+            "herald_sse_limit",
+            "Configured stream limits (global: HERALD_SSE_MAX_CONNECTIONS, per_ip)",
+            ["kind"],
+            registry=r,
+        )
+        self.sse_busiest_ip = Gauge(
+            "herald_sse_busiest_ip_streams",
+            "Streams open on this process from the address holding the most",
+            registry=r,
+        )
         self.sse_stale_active = Gauge(
             "herald_sse_stale_active", "Stale streams found and not yet gone", registry=r
         )
