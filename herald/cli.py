@@ -1,4 +1,4 @@
-"""The ``herald`` command: serve, worker, migrate, users, jobs, audit."""
+"""The ``herald`` command: serve, worker, migrate, users, jobs, audit (and ``--version``)."""
 
 from __future__ import annotations
 
@@ -193,23 +193,84 @@ def wait_seconds(raw: str) -> float:
     return value
 
 
+DESCRIPTION = (
+    "Herald, a self-hosted real-time messaging backend: run its server and worker,"
+    " migrate its database, manage users, queue operators' jobs, verify the audit trail."
+    " Settings come from the environment and an optional .env (docs/configuration.md)."
+)
+
+
+def add_command(
+    sub: Any, name: str, summary: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` opens with a description, not just a usage line."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=description or summary[0].upper() + summary[1:] + "."
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herald", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the HTTP/SSE server")
-    worker = sub.add_parser("worker", help="run the arq worker daemon")
-    worker.add_argument("--check", action="store_true", help="exit 0 if a worker is alive")
-    sub.add_parser("migrate", help="apply database migrations")
-    users = sub.add_parser("users", help="manage users").add_subparsers(
-        dest="users_command", required=True
+    from shared.metrics import herald_version
+
+    parser = argparse.ArgumentParser(prog="herald", description=DESCRIPTION)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"herald {herald_version()}",
+        help="print the version and exit",
     )
-    create = users.add_parser("create", help="create a user and print its token")
-    create.add_argument("name")
-    create.add_argument("--admin", action="store_true")
-    jobs = sub.add_parser("jobs", help="operators' ad-hoc worker jobs").add_subparsers(
-        dest="jobs_command", required=True
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_command(
+        sub,
+        "serve",
+        "run the HTTP/SSE server",
+        "Run the HTTP API and event streams on HERALD_HOST:HERALD_PORT until SIGTERM or"
+        " SIGINT, then drain open streams for up to HERALD_SHUTDOWN_TIMEOUT_S and exit 0.",
     )
-    enqueue = jobs.add_parser("enqueue", help="queue a job for the worker")
+    worker = add_command(
+        sub,
+        "worker",
+        "run the arq worker daemon",
+        "Run the background worker: delayed-message delivery and cleanup, attachment file"
+        " deletions, the orphan scan; its own /metrics and /health on"
+        " HERALD_WORKER_METRICS_PORT. Exits 0 on SIGTERM/SIGINT.",
+    )
+    worker.add_argument(
+        "--check",
+        action="store_true",
+        help="do not run: exit 0 if some worker's health-check key is fresh, else 1",
+    )
+    add_command(
+        sub,
+        "migrate",
+        "apply database migrations",
+        "Apply the pending SQL migrations to DATABASE_URL; safe to run again (idempotent).",
+    )
+    users = add_command(sub, "users", "manage users").add_subparsers(
+        dest="users_command", required=True, metavar="SUBCOMMAND"
+    )
+    create = add_command(
+        users,
+        "create",
+        "create a user and print its token",
+        "Create a user; prints 'id: N' and 'token: T'. The token is shown only this once.",
+    )
+    create.add_argument("name", metavar="NAME", help="the user's name (1-80 printable characters)")
+    create.add_argument("--admin", action="store_true", help="make the user an administrator")
+    jobs = add_command(
+        sub,
+        "jobs",
+        "operators' ad-hoc worker jobs",
+        "Queue a worker job by hand, or look up a job's state and result.",
+    ).add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
+    enqueue = add_command(
+        jobs,
+        "enqueue",
+        "queue a job for the worker",
+        "Queue an operator job for the worker (joining a real run already queued or"
+        " running); with --wait, exit 0 only if it finished and succeeded.",
+    )
     enqueue.add_argument(
         "job",
         metavar="JOB",
@@ -221,18 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument(
         "--timeout", type=wait_seconds, default=600.0, help="seconds --wait waits (default 600)"
     )
-    status = jobs.add_parser("status", help="a job's state and result")
-    status.add_argument("job_id", metavar="JOB_ID")
-    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
-        dest="audit_command", required=True
+    status = add_command(
+        jobs,
+        "status",
+        "a job's state and result",
+        "Print a job's state and result; exit 1 if the id is unknown or its result expired.",
     )
-    audit.add_parser("verify", help="check the audit trail's hash chain (exit 1 on a break)")
-    smoke = sub.add_parser(
+    status.add_argument("job_id", metavar="JOB_ID", help="the job_id that enqueue printed")
+    audit = add_command(sub, "audit", "the audit trail").add_subparsers(
+        dest="audit_command", required=True, metavar="SUBCOMMAND"
+    )
+    add_command(
+        audit,
+        "verify",
+        "check the audit trail's hash chain (exit 1 on a break)",
+        "Recompute the audit trail's hash chain; exit 0 if intact, 1 naming the first bad row.",
+    )
+    smoke = add_command(
+        sub,
         "smoke",
-        help="check a running deployment end to end",
-        description="Health, auth, a post received over a stream and a delayed message"
-        " delivered by the worker, against a running deployment; exit 0, or 1 naming the"
-        " step that failed. Creates and deletes a private channel named smoke-….",
+        "check a running deployment end to end",
+        "Health, auth, a post received over a stream and a delayed message delivered by"
+        " the worker, against a running deployment; exit 0, or 1 naming the step that"
+        " failed. Creates and deletes a private channel named smoke-….",
     )
     smoke.add_argument("--url", required=True, type=http_url, help="e.g. http://127.0.0.1:8080")
     smoke.add_argument("--token", required=True, help="an API token of any user")

@@ -376,6 +376,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def take_terminal() -> Callable[[], None]:
+    """Make this process the terminal's foreground group; returns the undo.
+
+    A terminal's Ctrl-C signals its whole foreground process group. Under ``make run``
+    that group is make's, and GNU make, on SIGINT, waits for its child and then kills
+    itself with SIGINT, whatever the child's exit code: ``make run`` would end 130 after
+    a clean stop. In a group of our own in the foreground (as a shell does for a job),
+    only we get the Ctrl-C; we stop cleanly, exit 0, and make exits 0 with us. The
+    children already run in sessions of their own (herald/embedded.py ``spawn``).
+    """
+    try:
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp() or os.getpgrp() == os.getpid():
+            return lambda: None  # no terminal, not in the foreground, or already a job
+    except (OSError, ValueError):
+        return lambda: None
+    previous = os.getpgrp()
+
+    def foreground(pgrp: int) -> bool:
+        # A process outside the foreground group that changes it gets SIGTTOU.
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(fd, pgrp)
+            return True
+        except OSError:
+            return False
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        return lambda: None
+    if not foreground(os.getpgrp()):
+        return lambda: None
+
+    def give_back() -> None:
+        foreground(previous)
+
+    return give_back
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -388,7 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = DevRun(settings, args, explicit)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, run.request_stop)
-    return run.run()
+    give_back = take_terminal()
+    try:
+        return run.run()
+    finally:
+        give_back()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from server.http_metrics import http_metrics_middleware, route_template
 from server.keys import (
     ARQ,
     ATTACHMENTS,
@@ -152,15 +153,19 @@ async def query_count_middleware(request: web.Request, handler: Handler) -> web.
         finally:
             monitor = request.app[DB].monitor if DB in request.app else None
             if monitor is not None:
-                resource = request.match_info.route.resource
-                route = resource.canonical if resource is not None else "(unmatched)"
-                monitor.request_done(route, scope)
+                monitor.request_done(route_template(request), scope)
 
 
 def init_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """Build the app; nothing connects until it starts."""
     app = web.Application(
-        middlewares=[query_count_middleware, cors_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            http_metrics_middleware,
+            query_count_middleware,
+            cors_middleware,
+            error_middleware,
+            auth_middleware,
+        ],
         client_max_size=MAX_JSON_BYTES,
     )
     app[SETTINGS] = settings

@@ -24,6 +24,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from server.app import begin_draining, init_app
+from server.clientip import IPNetwork, resolve
 from server.keys import SETTINGS, STREAMS
 from shared.entry import configure_logging, describe, fail, run_command
 from shared.sdnotify import Notifier
@@ -42,15 +43,31 @@ def redact(path_qs: str) -> str:
 
 
 class AccessLogger(AbstractAccessLogger):
+    """One line per answer. The client is shown as the per-IP limits see it: through
+    trusted proxies' X-Forwarded-For (server/clientip.py), from the peer name aiohttp
+    kept at the request's start (a stream is logged when it ends, its transport gone).
+    aiohttp builds the logger itself, so the proxies come as a class attribute
+    (:func:`access_logger_for`); a request aiohttp could not parse has no app to ask."""
+
+    trusted: tuple[IPNetwork, ...] = ()
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # A request aiohttp could not parse carries a plain dict of headers, if any.
+        getall = getattr(request.headers, "getall", None)
+        forwarded = getall("X-Forwarded-For", []) if getall is not None else []
+        client = resolve(request.remote, forwarded, self.trusted)
         self.logger.info(
             "%s %s %s %d %.1fms",
-            request.remote,
+            client,
             request.method,
             redact(request.path_qs),
             response.status,
             time * 1000,
         )
+
+
+def access_logger_for(settings: Settings) -> type[AccessLogger]:
+    return type("AccessLogger", (AccessLogger,), {"trusted": settings.trusted_proxies})
 
 
 class UnparsableRequestFilter(logging.Filter):
@@ -94,7 +111,7 @@ class HeraldServer:
         self.app = app if app is not None else init_app(settings)
         self.runner = DrainingRunner(
             self.app,
-            access_log_class=AccessLogger,
+            access_log_class=access_logger_for(settings),
             logger=http_logger,
             shutdown_timeout=settings.shutdown_timeout_s,
             handle_signals=False,
@@ -181,7 +198,7 @@ def serve(settings: Settings) -> None:
 
 def serve_command(settings: Settings) -> int:
     """``herald serve``: exit 0 after the drain; 1 with one line if it cannot listen."""
-    configure_logging()
+    configure_logging(settings)
     try:
         serve(settings)
     except OSError as exc:  # bind failed: address in use, not local, name unknown

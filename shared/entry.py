@@ -11,16 +11,29 @@ import sys
 from collections.abc import Callable
 
 from shared.errors import HeraldError
+from shared.logformat import TEXT_FORMAT, JsonFormatter, RoutineArqLines
 from shared.settings import Settings, SettingsError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(settings: Settings) -> None:
+    """The processes' one logging set-up: ``HERALD_LOG_LEVEL`` and ``HERALD_LOG_FORMAT``
+    (text or one JSON object per line) on stderr; arq's routine lines at DEBUG."""
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    arq_worker = logging.getLogger("arq.worker")
+    if not any(isinstance(f, RoutineArqLines) for f in arq_worker.filters):
+        arq_worker.addFilter(RoutineArqLines())
 
 
 def fail(message: str, code: int = 1) -> int:

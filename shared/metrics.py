@@ -1,10 +1,35 @@
-"""Prometheus metrics. Each process (and each test app) owns its own registry."""
+"""Prometheus metrics. Each process (and each test app) owns its own registry.
+
+Counters, histograms and gauges of state only: rates and averages are Prometheus's
+work (``rate()``, ``avg_over_time()``), so none is exported pre-computed; ``/health``
+computes its own from the same counters and samples. No label carries free text (SQL,
+paths, addresses): a statement is named by its fingerprint id, whose text is logged.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import importlib.metadata
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+
+def herald_version() -> str:
+    """The installed package's version (its metadata), or "unknown" when not installed."""
+    try:
+        return importlib.metadata.version("herald")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class SharedFigures(Collector):
@@ -67,8 +92,6 @@ QUEUE_FIGURES = {
     "herald_delayed_queue_size": "Pending delayed messages, all users",
     "herald_delayed_queue_max_size": "HERALD_QUEUE_MAX",
     "herald_delayed_queue_max_seen": "Largest number of pending delayed messages seen",
-    "herald_delayed_queue_avg_size": "Average pending delayed messages over the sample window",
-    "herald_delayed_queue_growth_per_minute": "Change of the queue size per minute (window)",
     "herald_delayed_queue_alert": "1 while the queue size is at or over HERALD_QUEUE_ALERT",
     "herald_delayed_cleanup_runs_total": "Delayed-message cleanup runs finished",
     "herald_delayed_cleanup_failures_total": "Delayed-message cleanup runs that failed",
@@ -84,11 +107,35 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What every process exports: its build, and the client library's standard
+        # process_* (CPU, memory, descriptors) and python_* (GC, version) families.
+        self.build_info = Gauge(
+            "herald_build_info", "Herald's version (value 1)", ["version"], registry=r
+        )
+        self.build_info.labels(herald_version()).set(1)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        # HTTP (server/middlewares.py): `route` is the route template ("(unmatched)" when
+        # none matched), `status` the class ("2xx".."5xx"), so neither grows with traffic.
         self.http_requests = Counter(
-            "herald_http_requests", "HTTP requests answered", ["method", "status"], registry=r
+            "herald_http_requests",
+            "HTTP requests answered, by method, route template and status class",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "herald_http_request_duration_seconds",
+            "Time to answer an HTTP request (a stream: until it is open), by route template",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
         )
         self.messages_posted = Counter(
-            "herald_messages_posted", "Messages stored and published", registry=r
+            "herald_messages_posted",
+            "Messages stored, by how (rest: POST; delayed: a delayed message delivered)",
+            ["source"],
+            registry=r,
         )
         self.events_received = Counter(
             "herald_bus_events_received", "Events read from the Redis bus", ["type"], registry=r
@@ -105,11 +152,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # The limits themselves, so alerts can say "near the limit" without knowing them.
+        self.sse_limit = Gauge(
+            "herald_sse_limit",
+            "Configured stream limits (global: HERALD_SSE_MAX_CONNECTIONS, per_ip)",
+            ["kind"],
+            registry=r,
+        )
+        self.sse_busiest_ip = Gauge(
+            "herald_sse_busiest_ip_streams",
+            "Streams open on this process from the address holding the most",
+            registry=r,
+        )
         self.sse_stale_active = Gauge(
             "herald_sse_stale_active", "Stale streams found and not yet gone", registry=r
-        )
-        self.sse_new_per_s = Gauge(
-            "herald_sse_new_per_second", "New SSE streams per second (sliding window)", registry=r
         )
         self.sse_events_sent = Counter(
             "herald_sse_events_sent", "Events written to SSE streams", ["event"], registry=r
@@ -162,7 +218,7 @@ class Metrics:
             registry=r,
         )
         # Query monitoring (shared/db/monitor.py). `statement` is a short id (verb + hash
-        # of the normalised SQL); herald_db_statement_info maps it to the SQL text.
+        # of the normalised SQL); the monitor logs each id's SQL text once, at first sight.
         self.db_query_seconds = Histogram(
             "herald_db_query_seconds",
             "Duration of each database statement",
@@ -178,12 +234,6 @@ class Metrics:
         )
         self.db_query_errors = Counter(
             "herald_db_query_errors", "Statements that raised", ["statement"], registry=r
-        )
-        self.db_statement_info = Gauge(
-            "herald_db_statement_info",
-            "Normalised SQL of each statement id (value 1)",
-            ["statement", "sql"],
-            registry=r,
         )
         self.db_statements_per_request = Histogram(
             "herald_db_statements_per_request",

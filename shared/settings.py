@@ -198,6 +198,17 @@ def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(origins)
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise SettingsError(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 # The server's drain must end well before the systemd units' TimeoutStopSec=30 kills
 # it mid-drain: 20 s leaves room for the REST grace, closing the pools and a slow host.
 MAX_SHUTDOWN_TIMEOUT_S = 20.0
@@ -232,6 +243,9 @@ class Settings:
     sse_max_channels: int = 100
     sse_catchup_s: float = 5.0
     backend_timeout_s: float = 5.0
+    log_format: str = "text"
+    log_level: str = "info"
+    worker_metrics_port: int = 9091
     # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
     # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
     notify_socket: str | None = None
@@ -294,6 +308,9 @@ class Settings:
             sse_max_channels=_int(e, "HERALD_SSE_MAX_CHANNELS", 100, minimum=1),
             sse_catchup_s=_float(e, "HERALD_SSE_CATCHUP_S", 5.0, minimum=0.1),
             backend_timeout_s=_float(e, "HERALD_BACKEND_TIMEOUT_S", 5.0, minimum=0.1),
+            log_format=_choice(e, "HERALD_LOG_FORMAT", "text", LOG_FORMATS),
+            log_level=_choice(e, "HERALD_LOG_LEVEL", "info", LOG_LEVELS),
+            worker_metrics_port=_port(e, "HERALD_WORKER_METRICS_PORT", 9091),
             notify_socket=_notify_socket(process_env),
             watchdog_usec=_watchdog_usec(process_env),
         )

@@ -16,11 +16,13 @@ from arq.worker import Function
 from shared.bus import arq_settings, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
 from shared.entry import configure_logging, run_command
+from shared.metrics import Metrics
 from shared.sdnotify import Notifier
 from shared.settings import Settings
 from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import attachment_cron_jobs, attachment_functions
 from worker.jobs.delayed import delayed_cron_jobs, delayed_functions
+from worker.observe import ObserveServer
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +63,26 @@ class NotifyingWorker(Worker):
 
 
 def build_worker(
-    settings: Settings, *, notifier: Notifier | None = None, **overrides: Any
+    settings: Settings,
+    *,
+    notifier: Notifier | None = None,
+    metrics: Metrics | None = None,
+    **overrides: Any,
 ) -> Worker:
     """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc."""
     notifier = notifier or Notifier()
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         # arq put its own pool in ctx["redis"]: the services enqueue through that one.
-        ctx[CTX_KEY] = await open_context(settings, arq=ctx["redis"])
+        ctx[CTX_KEY] = await open_context(settings, metrics, arq=ctx["redis"])
         logger.info("worker started")
         # arq has connected to Redis and runs this last before polling the queue.
         notifier.ready("connected, taking jobs")
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         if CTX_KEY in ctx:
-            await close_context(ctx[CTX_KEY])
+            # Popped first: the health endpoint must not use pools being closed.
+            await close_context(ctx.pop(CTX_KEY))
 
     kwargs: dict[str, Any] = {
         "functions": functions(),
@@ -103,7 +110,9 @@ def build_worker(
 async def run_worker(settings: Settings, **overrides: Any) -> None:
     """Run until SIGTERM/SIGINT, then close connections."""
     notifier = Notifier.from_settings(settings)
-    worker = build_worker(settings, notifier=notifier, **overrides)
+    metrics = Metrics()
+    worker = build_worker(settings, notifier=notifier, metrics=metrics, **overrides)
+    observe = await ObserveServer.start(settings, worker, metrics)  # /metrics, /health
     try:
         await worker.async_run()
     except asyncio.CancelledError:
@@ -117,6 +126,8 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
         try:
             await worker.close()
         finally:
+            if observe is not None:
+                await observe.stop()
             await notifier.close()
 
 
@@ -136,7 +147,7 @@ def worker_command(settings: Settings, *, check: bool = False) -> int:
         ok = asyncio.run(worker_alive(settings))
         print("worker: healthy" if ok else "worker: no fresh health-check key")
         return 0 if ok else 1
-    configure_logging()
+    configure_logging(settings)
     asyncio.run(run_worker(settings))
     return 0
 

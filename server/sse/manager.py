@@ -137,7 +137,11 @@ class StreamManager:
         metrics.sse_active.set_function(lambda: len(self.streams))
         metrics.sse_peak.set_function(lambda: self.peak)
         metrics.sse_stale_active.set_function(lambda: self.stale_active)
-        metrics.sse_new_per_s.set_function(lambda: self.rate.rate(time.monotonic()))
+        metrics.sse_limit.labels("global").set(settings.sse_max_connections)
+        metrics.sse_limit.labels("per_ip").set(settings.sse_max_per_ip)
+        metrics.sse_busiest_ip.set_function(
+            lambda: max((len(peers) for peers in self.by_ip.values()), default=0)
+        )
 
     def attach(
         self,

@@ -13,6 +13,7 @@ from shared.bus import EventBus
 from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Row, Tx
 from shared.errors import NotFound
+from shared.metrics import Metrics
 from shared.models import MessageJson, User, message_json
 from shared.services.channels import visible_channel
 
@@ -130,15 +131,17 @@ async def insert_messages(tx: Tx, items: Sequence[tuple[int, int, str]]) -> list
 
 
 class MessageService:
-    def __init__(self, *, db: Database, bus: EventBus) -> None:
+    def __init__(self, *, db: Database, bus: EventBus, metrics: Metrics) -> None:
         self.db = db
         self.bus = bus
+        self.metrics = metrics
 
     async def post(self, user: User, channel_id: int, body: str) -> MessageJson:
         """Store the message, commit, then publish it to every server process."""
         async with self.db.transaction() as tx:
             await visible_channel(tx, user, channel_id)
             stored = await insert_message(tx, channel_id, user.id, body)
+        self.metrics.messages_posted.labels("rest").inc()
         await self.bus.message_posted(stored.message, stored.prev_id)
         return stored.message
 

@@ -95,7 +95,7 @@ def build_services(
         audit=audit,
         users=UserService(db=db, cache=cache),
         channels=ChannelService(db=db, bus=bus, cache=cache),
-        messages=MessageService(db=db, bus=bus),
+        messages=MessageService(db=db, bus=bus, metrics=metrics),
         queue_stats=stats,
         delayed=DelayedMessageService(
             db=db, arq=arq, settings=settings, metrics=metrics, stats=stats

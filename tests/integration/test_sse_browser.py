@@ -25,6 +25,7 @@ from aiohttp import web
 from server.keys import CHANNELS, USERS
 from server.runner import HeraldServer
 from shared.bus import EventBus
+from shared.metrics import Metrics
 from shared.services.messages import MessageService
 from tests.helpers import wait_for
 
@@ -143,7 +144,7 @@ async def test_browser_eventsource_survives_restart_exactly_once(settings, db, r
 
     server = HeraldServer(config)
     await server.start("127.0.0.1", herald_port)
-    offline = MessageService(db=db, bus=EventBus(redis, config))
+    offline = MessageService(db=db, bus=EventBus(redis, config), metrics=Metrics.null())
     try:
         user, token = await server.app[USERS].create("browser")
         channel = await server.app[CHANNELS].create(user, "general", "", False)

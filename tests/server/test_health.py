@@ -147,5 +147,5 @@ async def test_metrics_is_prometheus_text(client: TestClient[Any, Any], alice: A
     families = {f.name: f for f in text_string_to_metric_families(text)}  # parses cleanly
     assert any(name.startswith("herald_") for name in families)
     for line in text.splitlines():
-        assert line.startswith("#") or line.startswith("herald_") or line.startswith("python_")
+        assert line.startswith(("#", "herald_", "python_", "process_"))
     assert "herald_sse_active" in families

@@ -223,7 +223,6 @@ async def test_health_and_metrics_figures(client, alice):
         "herald_sse_active 1.0",
         "herald_sse_peak 1.0",
         "herald_sse_opened_total 1.0",
-        "herald_sse_new_per_second",
         "herald_sse_stale_active 0.0",
         'herald_sse_events_sent_total{event="ready"} 1.0',
     ):

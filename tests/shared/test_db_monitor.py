@@ -303,7 +303,11 @@ async def test_health_db_section_and_metrics_with_pg_sleep(
     assert "herald_db_degraded 1.0" in text
     assert "herald_db_query_seconds_count{statement=" in text
     assert "herald_db_slow_queries_total{statement=" in text
-    assert 'sql="SELECT pg_sleep(?)"' in text
+    # The statement is named by its id only; no SQL text is a label.
+    (sleep,) = [s for s in db["top_statements"] if s["statement"] == "SELECT pg_sleep(?)"]
+    sleep_id = sleep["id"]
+    assert f'herald_db_query_seconds_count{{statement="{sleep_id}"}}' in text
+    assert "sql=" not in text and "pg_sleep" not in text
     assert client.app[METRICS] is app_db.monitor.metrics  # type: ignore[union-attr]
 
 
@@ -336,3 +340,17 @@ async def test_query_scopes_are_per_task_and_inherited_by_child_tasks(
     await db.fetchval("SELECT 3")  # outside every scope
     assert mon.queries_total == 13
     assert mon.requests_total == 0
+
+
+async def test_each_statement_id_is_logged_with_its_text_once(
+    monitored: tuple[Database, QueryMonitor], caplog: pytest.LogCaptureFixture
+) -> None:
+    db, mon = monitored
+    caplog.set_level(logging.DEBUG, logger="shared.db.monitor")
+    for _ in range(3):
+        await db.fetchval("SELECT 41 + 1")
+    await db.fetchval("SELECT 'other'")
+    (stats,) = [s for s in mon.statements.values() if s.text == "SELECT ? + ?"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("statement ")]
+    assert lines.count(f"statement {stats.id}: SELECT ? + ?") == 1
+    assert len(lines) == 2  # one per distinct statement, not per call

@@ -234,3 +234,15 @@ async def test_cancels_racing_delivery_never_give_both(world, db, settings):
         assert sorted(m["id"] for m in messages) == sorted(rows[i]["message_id"] for i in delivered)
     finally:
         await arq.aclose()
+
+
+async def test_delivered_messages_count_as_posted_and_failed_ones_do_not(world, settings):
+    metrics = Metrics.null()
+    await world.due(world.public, world.alice, "on time", n=3)
+    await world.due(world.public, world.alice, "too late", seconds_ago=3600)
+    delivery = DeliveryService(db=world.db, bus=world.bus, settings=settings, metrics=metrics)
+    report = await delivery.deliver_due()
+    assert (report.delivered, report.failed) == (3, 1)
+    text = metrics.render().decode()
+    assert 'herald_messages_posted_total{source="delayed"} 3.0' in text
+    assert 'herald_delayed_delivered_total{outcome="failed_too_late"} 1.0' in text

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from shared.bus import EventBus
 from shared.db.monitor import normalise
 from shared.db.pool import Database, Tx
+from shared.metrics import Metrics
 from shared.models import User
 from shared.services.channels import DETAIL_SQL, LIST_SQL, ChannelService
 from shared.services.messages import MessageService
@@ -109,7 +110,7 @@ async def test_every_service_statement_uses_an_index(
     monkeypatch.setattr(Tx, "_run", spy)
     bus = EventBus(redis, settings)
     channels = ChannelService(db=db, bus=bus)  # no cache: the detail query must run
-    messages = MessageService(db=db, bus=bus)
+    messages = MessageService(db=db, bus=bus, metrics=Metrics.null())
     users = UserService(db=db)
     member = User(1, "u1", False)
     admin = User(2, "u2", True)

@@ -16,6 +16,7 @@ from shared.bus import EventBus, redis_client
 from shared.constants import events_channel
 from shared.db.pool import Database
 from shared.errors import Conflict, Forbidden, NotFound, RetryLater, ValidationError
+from shared.metrics import Metrics
 from shared.models import User, iso
 from shared.services.channels import ChannelService, decode_cursor, encode_cursor
 from shared.services.messages import MessageService
@@ -50,7 +51,7 @@ def channels(db: Database, bus: EventBus) -> ChannelService:
 
 @pytest.fixture
 def messages(db: Database, bus: EventBus) -> MessageService:
-    return MessageService(db=db, bus=bus)
+    return MessageService(db=db, bus=bus, metrics=Metrics.null())
 
 
 class Listener:

@@ -34,6 +34,9 @@ DEFAULTS = {
     "slow_query_ms": 100.0,
     "orphan_grace_s": 3600,
     "cors_origins": frozenset(),
+    "log_format": "text",
+    "log_level": "info",
+    "worker_metrics_port": 9091,
 }
 
 # Every contract variable with a good non-default value and the field it lands in.
@@ -65,9 +68,22 @@ GOOD = [
     ("HERALD_CACHE_TTL_S", "0", "cache_ttl_s", 0),
     ("HERALD_SLOW_QUERY_MS", "2.5", "slow_query_ms", 2.5),
     ("HERALD_ORPHAN_GRACE_S", "60", "orphan_grace_s", 60),
+    ("HERALD_LOG_FORMAT", "json", "log_format", "json"),
+    ("HERALD_LOG_FORMAT", " JSON ", "log_format", "json"),
+    ("HERALD_LOG_LEVEL", "debug", "log_level", "debug"),
+    ("HERALD_LOG_LEVEL", "Warning", "log_level", "warning"),
+    ("HERALD_LOG_LEVEL", "error", "log_level", "error"),
+    ("HERALD_WORKER_METRICS_PORT", "0", "worker_metrics_port", 0),
+    ("HERALD_WORKER_METRICS_PORT", "19091", "worker_metrics_port", 19091),
 ]
 
 BAD = [
+    ("HERALD_LOG_FORMAT", "xml"),
+    ("HERALD_LOG_LEVEL", "verbose"),
+    ("HERALD_LOG_LEVEL", "critical"),
+    ("HERALD_WORKER_METRICS_PORT", "70000"),
+    ("HERALD_WORKER_METRICS_PORT", "-1"),
+    ("HERALD_WORKER_METRICS_PORT", "ninety"),
     ("HERALD_HOST", "bad host!"),
     ("HERALD_HOST", "-leading-dash"),
     ("HERALD_HOST", "a..b"),

@@ -113,7 +113,9 @@ class CleanupService:
         status = "failed" if error else "succeeded"
         await self._finish(run_id, status, deleted, batches, duration_ms, max_batch_ms, error)
         if error is None:
-            logger.info(
+            # A run that deleted nothing is routine (every 5 minutes): DEBUG.
+            logger.log(
+                logging.INFO if deleted else logging.DEBUG,
                 "delayed-message cleanup run %s: deleted %d in %d batches, %.0f ms",
                 run_id,
                 deleted,

@@ -208,5 +208,6 @@ class DeliveryService:
     def _count(self, report: DeliveryReport) -> None:
         if report.delivered:
             self.metrics.delayed_delivered.labels("delivered").inc(report.delivered)
+            self.metrics.messages_posted.labels("delayed").inc(report.delivered)
         for reason, n in report.reasons.items():
             self.metrics.delayed_delivered.labels(f"failed_{reason}").inc(n)

@@ -148,8 +148,6 @@ class QueueStats:
         fig.set("herald_delayed_queue_size", section["size"])
         fig.set("herald_delayed_queue_max_size", section["max_size"])
         fig.set("herald_delayed_queue_max_seen", section["max_seen"])
-        fig.set("herald_delayed_queue_avg_size", section["avg_size"])
-        fig.set("herald_delayed_queue_growth_per_minute", section["growth_per_min"])
         fig.set("herald_delayed_queue_alert", 1 if section["alert"] else 0)
         fig.set("herald_delayed_cleanup_runs_total", cleanup["runs"])
         fig.set("herald_delayed_cleanup_failures_total", cleanup["failures"])
