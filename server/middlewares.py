@@ -95,6 +95,7 @@ def bearer_token(request: web.Request, *, allow_query: bool) -> str | None:
     return None
 
 
+OPENAPI_PATH = f"{API_PREFIX}/openapi.json"
 EVENTS_ROUTE = f"{API_PREFIX}/channels/{{channel_id}}/events"
 
 
@@ -108,11 +109,12 @@ def is_events_route(request: web.Request) -> bool:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every ``/api/v1`` route needs a user token, except the cron routes (their own
-    secret). ``?access_token=`` counts on the SSE route only."""
+    secret) and ``openapi.json``. ``?access_token=`` counts on the SSE route only."""
     path = request.path
     if (
         not path.startswith(API_PREFIX + "/")
         or path.startswith(f"{API_PREFIX}/cron/")
+        or path == OPENAPI_PATH  # the API's description is public
         or request.match_info.http_exception is not None  # no such route: 404/405 first
     ):
         return await handler(request)
