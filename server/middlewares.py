@@ -95,25 +95,28 @@ def bearer_token(request: web.Request, *, allow_query: bool) -> str | None:
     return None
 
 
-# The stream routes, where EventSource (which cannot set headers) sends ?access_token=.
-EVENTS_ROUTES = frozenset({f"{API_PREFIX}/channels/{{channel_id}}/events", f"{API_PREFIX}/events"})
+OPENAPI_PATH = f"{API_PREFIX}/openapi.json"
+EVENTS_ROUTE = f"{API_PREFIX}/channels/{{channel_id}}/events"
+# Both streams: a browser's EventSource cannot set headers on either.
+STREAM_ROUTES = frozenset({EVENTS_ROUTE, f"{API_PREFIX}/events"})
 
 
 def is_events_route(request: web.Request) -> bool:
     # The matched route, not the path's shape: GET /channels/events is the detail route
     # (id "events") and must not take a token from the URL.
     resource = request.match_info.route.resource
-    return request.method == "GET" and resource is not None and resource.canonical in EVENTS_ROUTES
+    return request.method == "GET" and resource is not None and resource.canonical in STREAM_ROUTES
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every ``/api/v1`` route needs a user token, except the cron routes (their own
-    secret). ``?access_token=`` counts on the SSE routes only."""
+    secret) and ``openapi.json``. ``?access_token=`` counts on the SSE routes only."""
     path = request.path
     if (
         not path.startswith(API_PREFIX + "/")
         or path.startswith(f"{API_PREFIX}/cron/")
+        or path == OPENAPI_PATH  # the API's description is public
         or request.match_info.http_exception is not None  # no such route: 404/405 first
     ):
         return await handler(request)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server import health
+from server import health, openapi
 from server.handlers import admin, attachments, channels, cron, delayed, events, meta
+from server.middlewares import OPENAPI_PATH
 from shared.constants import API_PREFIX as API
 
 
@@ -13,6 +14,7 @@ def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health.health)
     r.add_get("/metrics", meta.metrics)
+    r.add_get(OPENAPI_PATH, openapi.openapi_json)
     r.add_get(f"{API}/me", meta.me)
     r.add_post(f"{API}/channels", channels.create_channel)
     r.add_get(f"{API}/channels", channels.list_channels)

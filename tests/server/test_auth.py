@@ -120,6 +120,25 @@ async def test_query_token_accepted_on_the_sse_routes(
         resp.close()
 
 
+async def test_query_token_accepted_on_the_multi_channel_stream(
+    client: TestClient[Any, Any], alice: AuthUser
+) -> None:
+    # Found while writing the OpenAPI document: GET /events refused ?access_token=,
+    # so a browser's EventSource could not open it at all.
+    channel_id = await make_channel(client, alice, "multi")
+    url = f"{API}/events"
+    resp = await client.get(url, params={"access_token": alice.token, "channels": channel_id})
+    try:
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        assert b"event: ready" in first
+    finally:
+        resp.close()
+    await expect_401(await client.get(url, params={"access_token": "nope"}))
+    # Still only the streams: the same token in the URL of a REST route is refused.
+    await expect_401(await client.get(f"{API}/me", params={"access_token": alice.token}))
+
+
 async def test_unauthenticated_unknown_route_is_404_and_wrong_method_405(
     client: TestClient[Any, Any],
 ) -> None:
