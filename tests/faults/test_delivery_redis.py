@@ -1,0 +1,167 @@
+"""Redis goes away under load (the contract's "Delivery guarantees" 2): two real
+``herald serve`` processes and a worker on an own redis-server, 30 open streams of both
+kinds spread over both servers, ~20 posts/s through both. Redis is stopped and started
+again empty, or frozen and thawed; every stream must end with every committed message
+of its channels, once, in per-channel order, each within HERALD_SSE_CATCHUP_S (+ a
+margin for this shared machine) of its post being answered, and no ``reset``.
+
+The contract's 60 s outage runs only with HERALD_LONG_TESTS=1 (a few seconds in CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+
+import aiohttp
+import pytest
+
+from shared.services.users import UserService
+from tests.faults.delivery_procs import (
+    CATCHUP_S,
+    MARGIN_S,
+    Cluster,
+    Load,
+    Watch,
+    assert_exact,
+    cluster,
+    committed,
+    figures,
+    post_one,
+    settle,
+)
+from tests.helpers import API
+
+CHANNELS = 10
+RATE_PER_S = 20
+BOUND_S = CATCHUP_S + MARGIN_S
+
+
+async def make_channels(session: aiohttp.ClientSession, base: str, token: str, n: int) -> list[int]:
+    ids = []
+    for i in range(n):
+        async with session.post(
+            f"{base}{API}/channels",
+            json={"name": f"load-{i}"},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            ids.append(int((await resp.json())["id"]))
+    return ids
+
+
+async def open_streams(
+    session: aiohttp.ClientSession, bases: list[str], token: str, channels: list[int]
+) -> list[tuple[Watch, list[int]]]:
+    """Per server: one per-channel stream for each channel, four chosen-channel streams
+    of four channels each and one membership stream (30 with two servers)."""
+    out: list[tuple[Watch, list[int]]] = []
+    for s, base in enumerate(bases):
+        for c in channels:
+            w = Watch(session, f"{base}{API}/channels/{c}/events", token, f"s{s}/one/{c}")
+            out.append((w, [c]))
+        for k in range(4):
+            chosen = [channels[(2 * k + j + s) % len(channels)] for j in range(4)]
+            url = f"{base}{API}/events?channels={','.join(map(str, chosen))}"
+            out.append((Watch(session, url, token, f"s{s}/chosen/{k}"), chosen))
+        out.append((Watch(session, f"{base}{API}/events", token, f"s{s}/members"), channels))
+    for w, _ in out:
+        await w.open()
+    return out
+
+
+async def run_load(
+    session: aiohttp.ClientSession,
+    bases: list[str],
+    token: str,
+    channels: list[int],
+    load: Load,
+    stop: asyncio.Event,
+    rng: random.Random,
+) -> None:
+    """RATE_PER_S posts a second, alternating servers; none waits for the one before."""
+    tasks: set[asyncio.Task[None]] = set()
+    n = 0
+    started = time.monotonic()
+    while not stop.is_set():
+        base = bases[n % len(bases)]
+        task = asyncio.create_task(
+            post_one(session, base, token, rng.choice(channels), f"m{n}", load)
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        n += 1
+        # The pace of the load itself, not a wait for anything.
+        await asyncio.sleep(max(0.0, started + n / RATE_PER_S - time.monotonic()))
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+async def outage(
+    procs: Cluster, db, kind: str, before_s: float, fault_s: float, after_s: float, seed: int
+) -> None:
+    _, token = await UserService(db=db).create("alice")
+    servers = [await procs.serve(), await procs.serve()]
+    await procs.worker()
+    bases = [s.url for s in servers]
+    rng = random.Random(seed)
+    async with aiohttp.ClientSession() as session:
+        channels = await make_channels(session, bases[0], token, CHANNELS)
+        watches = await open_streams(session, bases, token, channels)
+        load, stop = Load(), asyncio.Event()
+        loader = asyncio.create_task(run_load(session, bases, token, channels, load, stop, rng))
+        try:
+            await asyncio.sleep(before_s)  # steady load before the fault (its length)
+            if kind == "restart_empty":
+                await procs.redis.stop()
+            else:
+                procs.redis.freeze()
+            await asyncio.sleep(fault_s)  # the outage's length
+            if kind == "restart_empty":
+                await procs.redis.start()  # a new, empty redis-server on the same port
+            else:
+                procs.redis.thaw()
+            fault_end = time.monotonic()
+            await asyncio.sleep(after_s)  # load goes on after the fault
+        finally:
+            stop.set()
+            await loader
+        last_answer = max(load.answered.values())
+        truth = await committed(db, channels)
+        await settle(watches, truth, last_answer + BOUND_S)
+        for w, _ in watches:
+            await w.drop()
+    fig = figures(watches, truth, load, BOUND_S, fault_end)
+    print(
+        f"\n{kind} {fault_s}s: {fig.line()}; answers {load.statuses},"
+        f" slowest answer {load.max_answer_s:.2f}s"
+    )
+    for w, cs in watches:
+        assert_exact(w, truth, cs)
+        assert not w.ended.is_set() or w.opens == 1
+    total = sum(len(v) for v in truth.values())
+    assert set(load.answered) <= {m for v in truth.values() for m in v}
+    assert fig.delivered == sum(len(truth[c]) for _, cs in watches for c in cs)
+    assert fig.duplicated == 0 and fig.late == 0, fig.line()
+    assert fig.catch_up_s <= BOUND_S, fig.line()
+    assert total >= (before_s + fault_s + after_s) * RATE_PER_S * 0.5, load.statuses
+    for server in servers:
+        assert server.proc.poll() is None, server.text()
+        assert "Traceback" not in server.text()
+
+
+@pytest.mark.parametrize("kind", ["restart_empty", "frozen"])
+async def test_streams_ride_a_redis_outage(database_url, db, tmp_path, kind):
+    async with cluster(database_url, tmp_path) as procs:
+        await outage(procs, db, kind, before_s=1.5, fault_s=3.0, after_s=1.5, seed=10)
+
+
+@pytest.mark.skipif(
+    os.environ.get("HERALD_LONG_TESTS") != "1", reason="the 60 s outage: HERALD_LONG_TESTS=1"
+)
+@pytest.mark.timeout(300)
+async def test_streams_ride_a_60s_redis_outage(database_url, db, tmp_path):
+    async with cluster(database_url, tmp_path) as procs:
+        await outage(procs, db, "restart_empty", before_s=2, fault_s=60, after_s=3, seed=60)
