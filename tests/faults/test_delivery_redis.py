@@ -24,79 +24,19 @@ from tests.faults.delivery_procs import (
     MARGIN_S,
     Cluster,
     Load,
-    Watch,
     assert_exact,
     cluster,
     committed,
     figures,
-    post_one,
+    make_channels,
+    open_streams,
+    run_load,
     settle,
 )
-from tests.helpers import API
 
 CHANNELS = 10
 RATE_PER_S = 20
 BOUND_S = CATCHUP_S + MARGIN_S
-
-
-async def make_channels(session: aiohttp.ClientSession, base: str, token: str, n: int) -> list[int]:
-    ids = []
-    for i in range(n):
-        async with session.post(
-            f"{base}{API}/channels",
-            json={"name": f"load-{i}"},
-            headers={"Authorization": f"Bearer {token}"},
-        ) as resp:
-            assert resp.status == 201, await resp.text()
-            ids.append(int((await resp.json())["id"]))
-    return ids
-
-
-async def open_streams(
-    session: aiohttp.ClientSession, bases: list[str], token: str, channels: list[int]
-) -> list[tuple[Watch, list[int]]]:
-    """Per server: one per-channel stream for each channel, four chosen-channel streams
-    of four channels each and one membership stream (30 with two servers)."""
-    out: list[tuple[Watch, list[int]]] = []
-    for s, base in enumerate(bases):
-        for c in channels:
-            w = Watch(session, f"{base}{API}/channels/{c}/events", token, f"s{s}/one/{c}")
-            out.append((w, [c]))
-        for k in range(4):
-            chosen = [channels[(2 * k + j + s) % len(channels)] for j in range(4)]
-            url = f"{base}{API}/events?channels={','.join(map(str, chosen))}"
-            out.append((Watch(session, url, token, f"s{s}/chosen/{k}"), chosen))
-        out.append((Watch(session, f"{base}{API}/events", token, f"s{s}/members"), channels))
-    for w, _ in out:
-        await w.open()
-    return out
-
-
-async def run_load(
-    session: aiohttp.ClientSession,
-    bases: list[str],
-    token: str,
-    channels: list[int],
-    load: Load,
-    stop: asyncio.Event,
-    rng: random.Random,
-) -> None:
-    """RATE_PER_S posts a second, alternating servers; none waits for the one before."""
-    tasks: set[asyncio.Task[None]] = set()
-    n = 0
-    started = time.monotonic()
-    while not stop.is_set():
-        base = bases[n % len(bases)]
-        task = asyncio.create_task(
-            post_one(session, base, token, rng.choice(channels), f"m{n}", load)
-        )
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        n += 1
-        # The pace of the load itself, not a wait for anything.
-        await asyncio.sleep(max(0.0, started + n / RATE_PER_S - time.monotonic()))
-    if tasks:
-        await asyncio.gather(*tasks)
 
 
 async def outage(
