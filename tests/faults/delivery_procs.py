@@ -98,6 +98,19 @@ class RedisServer:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
 
+    def pause_writes(self, seconds: float) -> None:
+        """Writes (PUBLISH among them) wait; reads go on (CLIENT PAUSE ... WRITE)."""
+        self.cli("client", "pause", str(int(seconds * 1000)), "write")
+
+    def unpause(self) -> None:
+        self.cli("client", "unpause")
+
+    def cli(self, *args: str) -> None:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=5
+        )
+        assert done.returncode == 0 and b"ERR" not in done.stdout, done
+
     def thaw(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)

@@ -107,7 +107,19 @@ async def test_a_server_sigkilled_under_load_loses_nothing_on_the_other(database
             try:
                 # Kill once posts through the doomed server are flowing.
                 await wait_for(lambda: len(load.answered) >= 40, 20, "load", interval=0.05)
+                # Pause Redis writes: posts now commit and hang in their publish, so the kill
+                # lands between commit and publish for those on the doomed server.
+                procs.redis.pause_writes(20)
+
+                async def stuck() -> bool:
+                    stored = await db.fetchval(
+                        "SELECT count(*) FROM messages WHERE channel_id = ANY(%s)", (channels,)
+                    )
+                    return stored - len(load.answered) >= 6
+
+                await wait_for(stuck, 20, "posts committed and waiting to publish")
                 doomed.kill()
+                procs.redis.unpause()
                 killed_at = time.monotonic()
                 await wait_for(lambda: len(load.answered) >= 80, 20, "load after", interval=0.05)
             finally:
@@ -128,6 +140,7 @@ async def test_a_server_sigkilled_under_load_loses_nothing_on_the_other(database
     assert set(load.answered) <= stored
     assert fig.late == 0 and fig.duplicated == 0, fig.line()
     assert any(k != "201" for k in load.statuses), load.statuses  # the kill did hit posts
+    assert stored - set(load.answered), "no post was killed between commit and publish"
 
 
 async def test_worker_sigkilled_mid_delivery_of_300_due(database_url, db, tmp_path):
