@@ -18,6 +18,7 @@ from tests.faults.delivery_procs import (
     Watch,
     cluster,
     committed,
+    post_one,
     run_load,
 )
 from tests.helpers import API, wait_for
@@ -72,6 +73,8 @@ async def test_channels_joined_under_load_arrive_whole(database_url, db, tmp_pat
             finally:
                 stop.set()
                 await loader
+            for i, c in enumerate(channels):  # and one more in each, after every join
+                await post_one(session, bases[i % 2], alice, c, "after the joins", load)
             truth = await committed(db, channels)
 
             def complete() -> bool:
