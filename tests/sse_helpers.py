@@ -27,7 +27,7 @@ from tests.helpers import API
 class Event:
     event: str
     data: Any
-    id: int | None = None
+    id: int | str | None = None
     retry: int | None = None
 
 
@@ -36,10 +36,14 @@ def parse_frame(block: str) -> Event:
     for line in block.split("\n"):
         name, _, value = line.partition(": ")
         fields[name] = value
+    raw_id = fields.get("id")
     return Event(
-        event=fields.get("event", "message"),
+        # A frame with neither event nor data (multi-channel streams' ``id:``-only
+        # cursor frame) dispatches nothing in a browser: call it "id".
+        event=fields.get("event", "message" if "data" in fields else "id"),
         data=json.loads(fields["data"]) if "data" in fields else None,
-        id=int(fields["id"]) if "id" in fields else None,
+        # Message ids are numbers; multi-channel cursors are opaque text.
+        id=None if raw_id is None else int(raw_id) if raw_id.isdigit() else raw_id,
         retry=int(fields["retry"]) if "retry" in fields else None,
     )
 

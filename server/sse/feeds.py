@@ -218,7 +218,13 @@ class Feeds:
 
     async def _run(self) -> None:
         delay = RETRY_FIRST_S
+        task = asyncio.current_task()
         while True:
+            # A cancel can be lost on its way in: aiopg waits with asyncio.wait_for, which
+            # on Python 3.11 returns a result that was ready and drops the cancel. A lost
+            # one would keep this loop going and stop() (the server's exit) waiting forever.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             now = time.monotonic()
             if not self._dirty and now < self._full_due:
                 with contextlib.suppress(TimeoutError):

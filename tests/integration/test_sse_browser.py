@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
 from aiohttp import web
 
 from server.keys import CHANNELS, USERS
@@ -27,13 +21,10 @@ from server.runner import HeraldServer
 from shared.bus import EventBus
 from shared.metrics import Metrics
 from shared.services.messages import MessageService
+from tests.browser_helpers import chromium, free_port, needs_chromium
 from tests.helpers import wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="needs headless Chromium: apt-get update && apt-get install -y chromium",
-)
+pytestmark = needs_chromium
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>herald</title><script>
 window.state = {received: [], events: []};
@@ -46,83 +37,6 @@ es.addEventListener("message", (e) => {
 es.addEventListener("close", (e) => state.events.push("close:" + JSON.parse(e.data).reason));
 es.onerror = () => state.events.push("error");
 </script>"""
-
-
-def free_port() -> int:
-    """A free port in this suite's range (a restart must get the same one back)."""
-    for port in range(21000, 22000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 21000-21999")
-
-
-class DevTools:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.next_id = 0
-
-    async def evaluate(self, expression: str) -> Any:
-        self.next_id += 1
-        await self.ws.send_json(
-            {
-                "id": self.next_id,
-                "method": "Runtime.evaluate",
-                "params": {"expression": expression, "returnByValue": True},
-            }
-        )
-        while True:
-            msg = await self.ws.receive_json(timeout=10)
-            if msg.get("id") == self.next_id:
-                return msg["result"]["result"].get("value")
-
-
-@asynccontextmanager
-async def chromium(url: str, profile: Path) -> AsyncIterator[DevTools]:
-    proc = subprocess.Popen(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--no-first-run",
-            "--disable-sync",
-            "--disable-quic",
-            f"--user-data-dir={profile}",
-            "--remote-debugging-port=0",
-            url,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        active = profile / "DevToolsActivePort"
-        await wait_for(lambda: active.exists() and active.read_text().strip(), 30, "Chromium")
-        port = int(active.read_text().split()[0])
-        async with aiohttp.ClientSession() as session:
-            targets: list[dict[str, Any]] = []
-
-            async def page_target() -> bool:
-                nonlocal targets
-                async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                    targets = [t for t in await resp.json() if t.get("type") == "page"]
-                return bool(targets)
-
-            await wait_for(page_target, 30, "the page target")
-            async with session.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                yield DevTools(ws)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def test_browser_eventsource_survives_restart_exactly_once(settings, db, redis, tmp_path):
