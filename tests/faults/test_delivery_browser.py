@@ -14,23 +14,18 @@ from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from server.keys import CHANNELS, USERS
 from server.runner import HeraldServer
 from shared.bus import EventBus
+from shared.metrics import Metrics
 from shared.services.messages import MessageService
 from tests.browser_helpers import chromium, free_port, needs_chromium
 from tests.helpers import wait_for
 
 pytestmark = needs_chromium
 
-# The contract gives /api/v1/events the per-channel stream's auth, ?access_token= too;
-# server/middlewares.py takes it from the URL on /channels/{id}/events only (401 here).
-ACCESS_TOKEN_BUG = pytest.mark.xfail(
-    strict=True, reason="?access_token= is refused on /api/v1/events (server/middlewares.py)"
-)
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>herald</title><script>
 window.state = {received: [], events: []};
@@ -46,7 +41,6 @@ es.onerror = () => state.events.push("error");
 </script>"""
 
 
-@ACCESS_TOKEN_BUG
 async def test_browser_multichannel_stream_rides_a_restart_once_each(settings, db, redis, tmp_path):
     herald_port = free_port()
     page_app = web.Application()
@@ -65,7 +59,7 @@ async def test_browser_multichannel_stream_rides_a_restart_once_each(settings, d
     )
     server = HeraldServer(config)
     await server.start("127.0.0.1", herald_port)
-    offline = MessageService(db=db, bus=EventBus(redis, config))
+    offline = MessageService(db=db, bus=EventBus(redis, config), metrics=Metrics.null())
     try:
         user, token = await server.app[USERS].create("browser")
         channels = [

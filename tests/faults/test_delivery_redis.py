@@ -111,11 +111,6 @@ async def test_streams_ride_a_60s_redis_outage(database_url, db, tmp_path):
         await outage(procs, db, "restart_empty", before_s=2, fault_s=60, after_s=3, seed=60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="membership events ride the bus only: a removal whose event Redis lost never"
-    " reaches open streams, which go on receiving the channel (nothing reconciles access)",
-)
 async def test_a_removal_during_an_outage_still_reaches_open_streams(database_url, db, tmp_path):
     """Removing a member while Redis is away: its bus event is lost, yet the removed
     user's open streams must still drop the channel (close ``revoked`` for a

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 
-import pytest
-
 from server.keys import STREAMS
 from server.sse import cursor
 from tests.helpers import API, expect_error, make_channel
@@ -174,9 +172,6 @@ async def test_genuine_cursor_naming_an_invisible_channel_leaks_nothing(client, 
     resp.close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="?access_token= is refused on /api/v1/events (server/middlewares.py)"
-)
 async def test_access_token_in_the_url_opens_a_multichannel_stream(client, alice):
     c = await make_channel(client, alice)
     resp = await client.get(EVENTS, params={"channels": str(c), "access_token": alice.token})

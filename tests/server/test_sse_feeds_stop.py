@@ -32,7 +32,7 @@ async def test_feeds_stop_whenever_cancelled(client, alice, app_db, redis, setti
     from server.sse.feeds import Feeds
 
     channels = [await make_channel(client, alice, f"c{i}") for i in range(5)]
-    messages = MessageService(db=app_db, bus=EventBus(redis, settings))
+    messages = MessageService(db=app_db, bus=EventBus(redis, settings), metrics=Metrics.null())
     rng = random.Random(3)
     for _ in range(60):
         feeds = Feeds(messages=messages, sink=Collected(), settings=settings, metrics=Metrics())
