@@ -255,6 +255,28 @@ SCHEMAS: dict[str, Schema] = {
         additionalProperties=False,
     ),
     "NewMember": obj(["user_id"], {"user_id": ID}, additionalProperties=False),
+    "ReadMark": obj(["message_id"], {"message_id": ID}, additionalProperties=False),
+    "Member": obj(
+        ["user_id", "name", "joined_at", "last_read_id"],
+        {
+            "user_id": ID,
+            "name": {"type": "string"},
+            "joined_at": TIME,
+            "last_read_id": {"type": "integer", "minimum": 0},
+        },
+    ),
+    "MemberPage": obj(
+        ["items", "next_cursor"],
+        {
+            "items": {"type": "array", "items": ref("Member")},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "opaque; pass back as ?cursor=; null on the last page",
+            },
+        },
+    ),
+    "UserName": obj(["id", "name"], {"id": ID, "name": {"type": "string"}}),
+    "UserList": obj(["items"], {"items": {"type": "array", "items": ref("UserName")}}),
     "NewMessage": obj(
         ["body"],
         {"body": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_CHARS}},
@@ -516,8 +538,45 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=("403", "404"),
         ),
     },
+    "/users": {
+        "get": op(
+            "Users whose name starts with a prefix (case-insensitive), in name order",
+            ok("200", "matching users", "UserList"),
+            tag="users",
+            params=[
+                query("prefix", {"type": "string", "maxLength": 80}, "a name prefix"),
+                limit(20, 100),
+            ],
+        ),
+    },
+    "/channels/{channel_id}/read": {
+        "parameters": [CHANNEL_ID],
+        "post": op(
+            "Move the caller's read position forward to a message (never back)",
+            ok("204", "marked (an older id changes nothing)"),
+            tag="members",
+            body="ReadMark",
+            errors=("403", "404"),
+            description="404 `message_not_found` for a message of another channel or none; "
+            "403 when the caller can see the channel but is not a member.",
+        ),
+    },
     "/channels/{channel_id}/members": {
         "parameters": [CHANNEL_ID],
+        "get": op(
+            "A channel's members in user id order",
+            ok("200", "a page of members", "MemberPage"),
+            tag="members",
+            params=[
+                limit(100, MAX_LIMIT),
+                query(
+                    "cursor",
+                    {"type": "string", "maxLength": MAX_CURSOR_CHARS},
+                    "next_cursor of the previous page",
+                ),
+            ],
+            errors=("404",),
+        ),
         "post": op(
             "Add a member (creator or admin; anyone may join a public channel)",
             ok("204", "a member (also when already one)"),

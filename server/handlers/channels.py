@@ -72,6 +72,23 @@ async def remove_member(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def list_members(request: web.Request) -> web.Response:
+    user = current_user(request)
+    channel_id = path_id(request, "channel_id")
+    limit = int_param(request, "limit", default=100, minimum=1, maximum=MAX_LIMIT)
+    cursor = text_param(request, "cursor", max_chars=MAX_CURSOR_CHARS)
+    page = await request.app[CHANNELS].members(user, channel_id, limit=limit, cursor=cursor)
+    return web.json_response(page)
+
+
+async def mark_read(request: web.Request) -> web.Response:
+    user = current_user(request)
+    channel_id = path_id(request, "channel_id")
+    data = require_object(await read_json(request), {"message_id"})
+    await request.app[MESSAGES].mark_read(user, channel_id, get_id(data, "message_id"))
+    return web.Response(status=204)
+
+
 async def post_message(request: web.Request) -> web.Response:
     user = current_user(request)
     channel_id = path_id(request, "channel_id")

@@ -62,19 +62,36 @@ WHERE c.id = %s
 """
 
 
-def encode_cursor(channel_id: int) -> str:
-    return base64.urlsafe_b64encode(f"c:{channel_id}".encode()).decode().rstrip("=")
+# A page of a channel's members in user id order: the channel_members pkey
+# (channel_id, user_id) gives the order and the cursor's start, users pkey the names.
+MEMBERS_SQL = """
+SELECT m.user_id, u.name, m.joined_at, m.last_read_message_id
+FROM channel_members m JOIN users u ON u.id = m.user_id
+WHERE m.channel_id = %(channel_id)s AND m.user_id > %(after)s
+ORDER BY m.user_id
+LIMIT %(limit)s
+"""
 
 
-def decode_cursor(cursor: str | None) -> int:
+# Cursor kinds: a listing's cursor is refused by another listing (422), not misread.
+CHANNELS_CURSOR = "c"
+MEMBERS_CURSOR = "m"
+
+
+def encode_cursor(last_id: int, kind: str = CHANNELS_CURSOR) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, kind: str = CHANNELS_CURSOR) -> int:
+    """The id a page starts after (0 without a cursor); 422 for anything we did not write."""
     if not cursor:
         return 0
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise ValidationError("cursor: invalid") from None
-    kind, _, value = raw.partition(":")
-    if kind != "c" or not value.isdigit() or len(value) > 19:
+    found, _, value = raw.partition(":")
+    if found != kind or not value.isdigit() or len(value) > 19:
         raise ValidationError("cursor: invalid")
     return int(value)
 
@@ -161,6 +178,34 @@ class ChannelService:
         return {
             "items": [listing_json(r) for r in rows],
             "next_cursor": encode_cursor(rows[-1]["id"]) if more and rows else None,
+        }
+
+    async def members(
+        self, user: User, channel_id: int, *, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
+        """A page of the channel's members in user id order; 404 when the caller cannot
+        see the channel."""
+        after = decode_cursor(cursor, MEMBERS_CURSOR)
+        async with self.db.connection() as tx:
+            await visible_channel(tx, user, channel_id)
+            rows = await tx.fetch(
+                MEMBERS_SQL, {"channel_id": channel_id, "after": after, "limit": limit + 1}
+            )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {
+            "items": [
+                {
+                    "user_id": r["user_id"],
+                    "name": r["name"],
+                    "joined_at": iso(r["joined_at"]),
+                    "last_read_id": r["last_read_message_id"],
+                }
+                for r in rows
+            ],
+            "next_cursor": (
+                encode_cursor(rows[-1]["user_id"], MEMBERS_CURSOR) if more and rows else None
+            ),
         }
 
     async def get(self, user: User, channel_id: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import psycopg2.errors
 from shared.bus import EventBus
 from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Row, Tx
-from shared.errors import NotFound
+from shared.errors import Forbidden, NotFound
 from shared.metrics import Metrics
 from shared.models import MessageJson, User, message_json
 from shared.services.channels import visible_channel
@@ -180,6 +180,31 @@ class MessageService:
                     (rows[-1]["id"], channel_id, user.id, rows[-1]["id"]),
                 )
         return [message_json(r) for r in rows]
+
+    async def mark_read(self, user: User, channel_id: int, message_id: int) -> None:
+        """Move the caller's read position in the channel forward to ``message_id``
+        (never back). 404 for a channel they cannot see or a message not in it; 403 for
+        a visible channel they are not a member of (only members have a position)."""
+        async with self.db.connection() as tx:
+            channel = await visible_channel(tx, user, channel_id)
+            if not channel["is_member"]:
+                raise Forbidden("only a member of the channel has a read position")
+            found = await tx.fetchval(
+                "SELECT 1 FROM messages WHERE id = %s AND channel_id = %s",
+                (message_id, channel_id),
+            )
+            if found is None:
+                raise NotFound("no such message in this channel", code="message_not_found")
+            # The condition, not a read-then-write, keeps it monotonic: a concurrent mark
+            # that committed first is re-checked against here (READ COMMITTED re-evaluates
+            # the WHERE on the newest row version), so a lower id never overwrites it.
+            # No cache entry holds read positions (shared/cache.py keeps the channel's
+            # JSON and member ids), so there is nothing to invalidate.
+            await tx.execute(
+                "UPDATE channel_members SET last_read_message_id = %s"
+                " WHERE channel_id = %s AND user_id = %s AND last_read_message_id < %s",
+                (message_id, channel_id, user.id, message_id),
+            )
 
     async def since(self, channel_id: int, after_id: int, limit: int) -> list[MessageJson]:
         """Up to ``limit`` messages with id > ``after_id``, oldest first (SSE replay)."""

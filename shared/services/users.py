@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Any
 
 import psycopg2.errors
 
@@ -14,6 +15,24 @@ from shared.models import User
 from shared.validation import check_storable
 
 MAX_TOKEN_LEN = 256
+MAX_NAME_CHARS = 80
+
+# Names starting with a prefix, case-insensitively, in one range scan of
+# users_name_prefix_idx (0007_client_reads.sql): lower(name) LIKE 'p%' on a
+# text_pattern_ops index, ordered by that index's own operator (~<~, byte order) so no
+# sort runs however many names match. The prefix is folded by the same lower() as the
+# index, and arrives with LIKE's wildcards escaped (escape_like): it is literal text.
+SEARCH_SQL = """
+SELECT id, name FROM users
+WHERE lower(name) LIKE lower(%(pattern)s)
+ORDER BY lower(name) USING ~<~, id
+LIMIT %(limit)s
+"""
+
+
+def escape_like(text: str) -> str:
+    """``text`` as a LIKE pattern that matches only itself (backslash is the escape)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def hash_token(token: str) -> bytes:
@@ -30,7 +49,7 @@ class UserService:
         """Create a user; returns it with its token, which is never stored in clear."""
         name = name.strip()
         check_storable(name, "name")
-        if not 1 <= len(name) <= 80 or not name.isprintable():
+        if not 1 <= len(name) <= MAX_NAME_CHARS or not name.isprintable():
             raise ValidationError("name: 1-80 printable characters")
         token = "hrd_" + secrets.token_urlsafe(32)
         try:
@@ -63,6 +82,14 @@ class UserService:
         if self.cache is not None:
             await self.cache.remember_user(digest, user)
         return user
+
+    async def search(self, prefix: str, *, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` users whose name starts with ``prefix`` (case-insensitive), in
+        name order; every wildcard in ``prefix`` is taken literally."""
+        rows = await self.db.fetch(
+            SEARCH_SQL, {"pattern": escape_like(prefix) + "%", "limit": limit}
+        )
+        return [{"id": r["id"], "name": r["name"]} for r in rows]
 
     async def get(self, user_id: int) -> User:
         row = await self.db.fetchrow(

@@ -29,7 +29,9 @@ WRONG_METHODS = [
     ("PUT", f"{API}/channels", {"GET", "POST"}),
     ("POST", f"{API}/me", {"GET"}),
     ("PUT", f"{API}/channels/1", {"GET", "PATCH", "DELETE"}),
-    ("GET", f"{API}/channels/1/members", {"POST"}),
+    ("PUT", f"{API}/channels/1/members", {"GET", "POST"}),
+    ("GET", f"{API}/channels/1/read", {"POST"}),
+    ("POST", f"{API}/users", {"GET"}),
     ("DELETE", "/health", {"GET"}),
     ("POST", "/metrics", {"GET"}),
 ]

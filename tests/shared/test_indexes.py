@@ -18,9 +18,9 @@ from shared.db.monitor import normalise
 from shared.db.pool import Database, Tx
 from shared.metrics import Metrics
 from shared.models import User
-from shared.services.channels import DETAIL_SQL, LIST_SQL, ChannelService
+from shared.services.channels import DETAIL_SQL, LIST_SQL, MEMBERS_SQL, ChannelService
 from shared.services.messages import MessageService
-from shared.services.users import UserService
+from shared.services.users import SEARCH_SQL, UserService
 from shared.settings import Settings
 
 TABLES = ("users", "channels", "channel_members", "messages")
@@ -47,6 +47,7 @@ EXPECTED_INDEXES = {
     "users_pkey",
     "users_name_key",
     "users_token_hash_key",
+    "users_name_prefix_idx",
     "channels_pkey",
     "channels_name_key",
     "channel_members_pkey",
@@ -172,3 +173,59 @@ async def test_every_service_statement_uses_an_index(
     )
     assert "channel_members_user_idx" in indexes_used(nodes)
     assert not seq_scans(nodes) & set(TABLES)
+
+
+def record_statements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Every statement run from now on, with its parameters (transaction control left out)."""
+    captured: list[tuple[str, Any]] = []
+    original = Tx._run
+
+    async def spy(self: Tx, sql: str, params: Any) -> None:
+        if sql not in ("BEGIN", "COMMIT", "ROLLBACK"):
+            captured.append((sql, params))
+        await original(self, sql, params)
+
+    monkeypatch.setattr(Tx, "_run", spy)
+    return captured
+
+
+async def test_client_reads_use_indexes(
+    seeded: Database,
+    settings: Settings,
+    redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Members pages, user lookup by prefix and marking read (0007_client_reads.sql)."""
+    db = seeded
+    bus = EventBus(redis, settings)
+    channels = ChannelService(db=db, bus=bus)
+    messages = MessageService(db=db, bus=bus, metrics=Metrics.null())
+    users = UserService(db=db)
+    member = User(1, "u1", False)
+    cid = 990  # private, user 1 a member; 21 members
+    newest = await messages.newest_id(cid)
+    captured = record_statements(monkeypatch)
+    page = await channels.members(member, cid, limit=5, cursor=None)
+    await channels.members(member, cid, limit=5, cursor=page["next_cursor"])
+    wide = await users.search("U", limit=20)  # matches all 3000 users
+    await users.search("u12", limit=20)
+    await users.search("u1%_\\", limit=20)
+    await messages.mark_read(member, cid, newest)
+    monkeypatch.undo()
+    assert [u["name"] for u in wide][:3] == ["u1", "u10", "u100"]  # byte order of lower()
+
+    plans: dict[str, list[dict[str, Any]]] = {}
+    for sql, params in captured:
+        nodes = await explain(db, sql, params)
+        assert not seq_scans(nodes) & set(TABLES), normalise(sql)[:160]
+        plans.setdefault(sql, []).extend(nodes)
+    assert "channel_members_pkey" in indexes_used(plans[MEMBERS_SQL])
+    search = plans[SEARCH_SQL]
+    assert "users_name_prefix_idx" in indexes_used(search)
+    # The index gives the order: no sort, however many names match the prefix.
+    assert not any(n["Node Type"] in ("Sort", "Incremental Sort") for n in search)
+    (lookup,) = [nodes for sql, nodes in plans.items() if sql.startswith("SELECT 1 FROM messages")]
+    # (channel_id, id) = one entry: an index-only probe of either index finds it.
+    assert indexes_used(lookup) & {"messages_pkey", "messages_channel_id_idx"}
+    (mark,) = [nodes for sql, nodes in plans.items() if sql.startswith("UPDATE channel_members")]
+    assert indexes_used(mark) & {"channel_members_pkey", "channel_members_user_idx"}

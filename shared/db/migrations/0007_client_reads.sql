@@ -1,0 +1,15 @@
+-- What a chat client reads (GET /users, GET /channels/{id}/members, POST .../read).
+--
+-- User lookup by name prefix, case-insensitive: `lower(name) LIKE 'p%'`. The database's
+-- collation is not C, so only a text_pattern_ops index can serve a LIKE prefix; it also
+-- gives the answer's order (`ORDER BY lower(name) USING ~<~, id`), so a short prefix that
+-- matches many users reads only `limit` index entries and sorts nothing. `id` breaks ties
+-- between names that differ only in case.
+--
+-- Not added, with the reason:
+--   channel_members: a channel's members in user id order is a range of its primary key
+--     (channel_id, user_id); marking read updates one row found by that key too.
+--   messages: "is this message in this channel" is one entry of messages (channel_id, id)
+--     (an index-only probe) or of its pkey.
+-- tests/shared/test_indexes.py checks these plans with EXPLAIN (FORMAT JSON).
+CREATE INDEX users_name_prefix_idx ON users (lower(name) text_pattern_ops, id);
