@@ -35,6 +35,7 @@ from server.middlewares import (
     cors_middleware,
     error_middleware,
 )
+from server.protocol import add_request_id_header
 from server.routes import setup_routes
 from server.sse.feeds import Feeds
 from server.sse.hub import Hub
@@ -165,6 +166,7 @@ def init_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app[STREAMS] = StreamManager(settings, app[METRICS])
     app.cleanup_ctx.extend([database_ctx, redis_ctx, arq_ctx, services_ctx, delayed_ctx, hub_ctx])
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(on_shutdown)
     setup_routes(app)
     return app

@@ -12,6 +12,7 @@ import redis.exceptions
 from aiohttp import web
 
 from server.keys import SETTINGS, USERS
+from server.protocol import REQUEST_ID
 from shared.constants import API_PREFIX
 from shared.errors import HeraldError, PayloadTooLarge, Unauthorized, code_for_status
 from shared.models import User
@@ -47,7 +48,27 @@ DEPENDENCY_RETRY_AFTER_S = 5
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes ``{"error": {code, message}}``; never a traceback or HTML."""
+    """Every error becomes ``{"error": {code, message}}``; never a traceback or HTML.
+    A 5xx message names the request id, so an operator can find its log lines."""
+    resp = await _errors_as_json(request, handler)
+    if (
+        resp.status >= 500
+        and isinstance(resp, web.Response)
+        and resp.content_type == ("application/json")
+    ):
+        rid = request.get(REQUEST_ID)
+        body = resp.body
+        if rid is not None and isinstance(body, bytes):
+            try:
+                doc = json.loads(body)
+                doc["error"]["message"] += f" (request id {rid})"
+            except (ValueError, KeyError, TypeError):
+                return resp
+            resp.body = json.dumps(doc).encode()
+    return resp
+
+
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except HeraldError as exc:

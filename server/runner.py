@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_server import Server
 
 from server.app import begin_draining, init_app
 from server.keys import SETTINGS, STREAMS
+from server.protocol import REQUEST_ID, HeraldWebServer
 from shared.entry import configure_logging, describe, fail, run_command
 from shared.sdnotify import Notifier
 from shared.settings import Settings
@@ -44,7 +46,8 @@ def redact(path_qs: str) -> str:
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            "%s %s %s %d %.1fms",
+            "%s %s %s %s %d %.1fms",
+            request.get(REQUEST_ID, "-"),
             request.remote,
             request.method,
             redact(request.path_qs),
@@ -76,6 +79,10 @@ class DrainingRunner(web.AppRunner):
     """aiohttp's shutdown order (stop listening, close idle connections, on_shutdown,
     wait for handlers, cancel, cleanup) with one deadline for all of it: on_shutdown
     drains the streams; requests still running get only what remains of the window."""
+
+    async def _make_server(self) -> Server:
+        # Our connection layer (server/protocol.py) over the app's own request handling.
+        return HeraldWebServer(await super()._make_server(), self.app[SETTINGS])
 
     async def shutdown(self) -> None:
         started = time.monotonic()

@@ -232,6 +232,7 @@ class Settings:
     sse_max_channels: int = 100
     sse_catchup_s: float = 5.0
     backend_timeout_s: float = 5.0
+    header_timeout_s: float = 10.0
     # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
     # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
     notify_socket: str | None = None
@@ -294,6 +295,7 @@ class Settings:
             sse_max_channels=_int(e, "HERALD_SSE_MAX_CHANNELS", 100, minimum=1),
             sse_catchup_s=_float(e, "HERALD_SSE_CATCHUP_S", 5.0, minimum=0.1),
             backend_timeout_s=_float(e, "HERALD_BACKEND_TIMEOUT_S", 5.0, minimum=0.1),
+            header_timeout_s=_float(e, "HERALD_HEADER_TIMEOUT_S", 10.0, minimum=0.05),
             notify_socket=_notify_socket(process_env),
             watchdog_usec=_watchdog_usec(process_env),
         )
