@@ -36,6 +36,8 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from server.clientip import is_trusted, parse_ip
+from shared.logcontext import REQUEST_ID as REQUEST_ID_VAR
+from shared.logcontext import Throttle
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def json_error_bytes(status: int, reason: str, code: str, message: str, rid: str
 
 # Fixed texts per parser error: the exception's own message quotes the request.
 PARSE_MESSAGES: tuple[tuple[type[Exception], int, str, str], ...] = (
-    (LineTooLong, 431, "request_header_too_large", "a request line or header is too long"),
+    (LineTooLong, 400, "bad_request", "a request line or header is too long"),
     (BadStatusLine, 400, "bad_request", "the request line could not be parsed"),
     (BadHttpMethod, 400, "bad_request", "the request method could not be parsed"),
     (InvalidHeader, 400, "bad_request", "a request header could not be parsed"),
@@ -225,7 +227,10 @@ class HeraldWebServer(Server):
         self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
     ) -> BaseRequest:
         request = self._make_base_request(message, payload, protocol, writer, task)
-        request[REQUEST_ID] = self.request_id_for(message, protocol)
+        rid = request[REQUEST_ID] = self.request_id_for(message, protocol)
+        # Set in the connection's task just before aiohttp starts the request's own
+        # task, which copies this context: the request's log lines carry the id.
+        REQUEST_ID_VAR.set(rid)
         return request
 
     def request_id_for(self, message: Any, protocol: RequestHandler) -> str:
@@ -240,6 +245,32 @@ class HeraldWebServer(Server):
 
     def __call__(self) -> RequestHandler:
         return HeraldRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+ACCEPT_ERROR = "socket.accept() out of system resource"
+_accept_throttle = Throttle(1.0)
+
+
+def install_accept_error_handler(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs each failed accept at EMFILE with a traceback and retries every
+    second per listening socket: one line per second at most, with a count, instead.
+    It keeps retrying by itself, so accepting resumes once descriptors free up."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == ACCEPT_ERROR:
+            left_out = _accept_throttle.allow("accept")
+            if left_out is not None:
+                exc = context.get("exception")
+                logger.error(
+                    "cannot accept connections: %s (out of file descriptors?); "
+                    "%d more since the last line; retrying every second",
+                    getattr(exc, "strerror", None) or exc.__class__.__name__,
+                    left_out,
+                )
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -26,7 +26,7 @@ from aiohttp.web_server import Server
 
 from server.app import begin_draining, init_app
 from server.keys import SETTINGS, STREAMS
-from server.protocol import REQUEST_ID, HeraldWebServer
+from server.protocol import HeraldWebServer, install_accept_error_handler
 from shared.entry import configure_logging, describe, fail, run_command
 from shared.sdnotify import Notifier
 from shared.settings import Settings
@@ -46,8 +46,7 @@ def redact(path_qs: str) -> str:
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            "%s %s %s %s %d %.1fms",
-            request.get(REQUEST_ID, "-"),
+            "%s %s %s %d %.1fms",
             request.remote,
             request.method,
             redact(request.path_qs),
@@ -150,6 +149,7 @@ def tune_gc() -> None:
 
 async def run(settings: Settings) -> None:
     notifier = Notifier.from_settings(settings)
+    install_accept_error_handler(asyncio.get_running_loop())
     server = HeraldServer(settings)
     await server.start()
     tune_gc()

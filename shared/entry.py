@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from shared.errors import HeraldError
+from shared.logcontext import RequestIdFilter
 from shared.settings import Settings, SettingsError
 
 EXIT_USAGE = 2
@@ -19,8 +20,11 @@ EXIT_INTERRUPTED = 130
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
 
 
 def fail(message: str, code: int = 1) -> int:

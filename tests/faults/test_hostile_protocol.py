@@ -10,6 +10,7 @@ import time
 import aiohttp
 
 from server.protocol import REQUEST_ID_FORM, HeraldWebServer
+from tests.helpers import wait_for
 from tests.sse_helpers import live_server
 
 HEADER_TIMEOUT_S = 0.5
@@ -198,3 +199,31 @@ async def test_connections_over_the_cap_refused_cleanly(settings):
                     pass
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
+
+
+async def test_request_id_in_the_request_log_lines(settings, make_user):
+    import logging
+
+    from shared.logcontext import RequestIdFilter
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    handler.addFilter(RequestIdFilter())
+    access = logging.getLogger("aiohttp.access")
+    access.addHandler(handler)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    user = await make_user("alice")
+    try:
+        async with live_server(settings) as live, aiohttp.ClientSession() as session:
+            async with session.get(live.url + "/api/v1/me", headers=user.headers) as resp:
+                rid = resp.headers["X-Request-ID"]
+            await wait_for(lambda: any(r.request_id == rid for r in records), 3, "access line")
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
