@@ -12,6 +12,7 @@ from server.keys import (
     ARQ,
     ATTACHMENTS,
     AUDIT,
+    AUTH_LIMIT,
     BUS,
     CACHE,
     CHANNELS,
@@ -45,6 +46,7 @@ from shared.constants import events_channel
 from shared.db.monitor import QueryMonitor, query_scope
 from shared.db.pool import Database, create_pool
 from shared.metrics import Metrics
+from shared.services.auth_limit import AuthFailureLimiter
 from shared.services.keys import CURSOR_KEY, load_key
 from shared.services.wiring import build_services
 from shared.settings import Settings
@@ -96,6 +98,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[JOBS] = services.jobs
     app[ATTACHMENTS] = services.attachments
     app[AUDIT] = services.audit
+    app[AUTH_LIMIT] = AuthFailureLimiter(
+        redis=app[REDIS], limit=app[SETTINGS].auth_fail_limit, metrics=app[METRICS]
+    )
     yield
 
 

@@ -21,7 +21,7 @@ EXIT_INTERRUPTED = 130
 def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s%(request_tag)s",
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())

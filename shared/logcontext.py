@@ -2,7 +2,8 @@
 
 The server sets :data:`REQUEST_ID` before a request's task starts (server/protocol.py),
 so the task's context, and every line logged in it, has the id; the filter puts it on
-each record as ``request_id`` ("-" outside a request).
+each record as ``request_id`` ("-" outside a request) and ``request_tag`` (the text
+format's `` request_id=ID`` suffix, empty outside a request).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = REQUEST_ID.get() or "-"
+        rid = getattr(record, "request_id", "-")
+        record.request_tag = f" request_id={rid}" if rid != "-" else ""
         return True
 
 

@@ -87,6 +87,14 @@ class Metrics:
         self.http_requests = Counter(
             "herald_http_requests", "HTTP requests answered", ["method", "status"], registry=r
         )
+        self.auth_failures = Counter(
+            "herald_auth_failures", "Requests with a bad bearer token", registry=r
+        )
+        self.auth_throttled = Counter(
+            "herald_auth_throttled",
+            "Requests refused 429 too_many_auth_failures (HERALD_AUTH_FAIL_LIMIT)",
+            registry=r,
+        )
         self.messages_posted = Counter(
             "herald_messages_posted", "Messages stored and published", registry=r
         )

@@ -233,6 +233,7 @@ class Settings:
     sse_catchup_s: float = 5.0
     backend_timeout_s: float = 5.0
     header_timeout_s: float = 10.0
+    auth_fail_limit: int = 20
     # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
     # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
     notify_socket: str | None = None
@@ -296,6 +297,7 @@ class Settings:
             sse_catchup_s=_float(e, "HERALD_SSE_CATCHUP_S", 5.0, minimum=0.1),
             backend_timeout_s=_float(e, "HERALD_BACKEND_TIMEOUT_S", 5.0, minimum=0.1),
             header_timeout_s=_float(e, "HERALD_HEADER_TIMEOUT_S", 10.0, minimum=0.05),
+            auth_fail_limit=_int(e, "HERALD_AUTH_FAIL_LIMIT", 20, minimum=1),
             notify_socket=_notify_socket(process_env),
             watchdog_usec=_watchdog_usec(process_env),
         )
