@@ -12,6 +12,7 @@ from server.keys import (
     ARQ,
     ATTACHMENTS,
     AUDIT,
+    AUTH_LIMIT,
     BUS,
     CACHE,
     CHANNELS,
@@ -35,6 +36,7 @@ from server.middlewares import (
     cors_middleware,
     error_middleware,
 )
+from server.protocol import add_request_id_header
 from server.routes import setup_routes
 from server.sse.feeds import Feeds
 from server.sse.hub import Hub
@@ -45,6 +47,7 @@ from shared.constants import events_channel
 from shared.db.monitor import QueryMonitor, query_scope
 from shared.db.pool import Database, create_pool
 from shared.metrics import Metrics
+from shared.services.auth_limit import AuthFailureLimiter
 from shared.services.keys import CURSOR_KEY, load_key
 from shared.services.wiring import build_services
 from shared.settings import Settings
@@ -97,6 +100,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[JOBS] = services.jobs
     app[ATTACHMENTS] = services.attachments
     app[AUDIT] = services.audit
+    app[AUTH_LIMIT] = AuthFailureLimiter(
+        redis=app[REDIS], limit=app[SETTINGS].auth_fail_limit, metrics=app[METRICS]
+    )
     yield
 
 
@@ -174,6 +180,7 @@ def init_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app[STREAMS] = StreamManager(settings, app[METRICS])
     app.cleanup_ctx.extend([database_ctx, redis_ctx, arq_ctx, services_ctx, delayed_ctx, hub_ctx])
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(on_shutdown)
     setup_routes(app)
     return app

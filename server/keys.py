@@ -14,6 +14,7 @@ from shared.db.pool import Database
 from shared.metrics import Metrics
 from shared.services.attachments.service import AttachmentService
 from shared.services.audit import AuditTrail
+from shared.services.auth_limit import AuthFailureLimiter
 from shared.services.channels import ChannelService
 from shared.services.delayed.queue_stats import QueueStats
 from shared.services.delayed.scheduling import DelayedMessageService
@@ -37,6 +38,7 @@ QUEUE_STATS = web.AppKey("queue_stats", QueueStats)
 JOBS = web.AppKey("jobs", JobService)
 ATTACHMENTS = web.AppKey("attachments", AttachmentService)
 AUDIT = web.AppKey("audit", AuditTrail)
+AUTH_LIMIT = web.AppKey("auth_limit", AuthFailureLimiter)
 HUB = web.AppKey("hub", Hub)
 STREAMS = web.AppKey("streams", StreamManager)
 DRAINING = web.AppKey("draining", list)  # [bool]: set once shutdown begins

@@ -11,9 +11,11 @@ import psycopg2
 import redis.exceptions
 from aiohttp import web
 
-from server.keys import SETTINGS, USERS
+from server.clientip import client_ip
+from server.keys import AUTH_LIMIT, METRICS, SETTINGS, USERS
+from server.protocol import REQUEST_ID
 from shared.constants import API_PREFIX
-from shared.errors import HeraldError, PayloadTooLarge, Unauthorized, code_for_status
+from shared.errors import HeraldError, PayloadTooLarge, RetryLater, Unauthorized, code_for_status
 from shared.models import User
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,27 @@ DEPENDENCY_RETRY_AFTER_S = 5
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes ``{"error": {code, message}}``; never a traceback or HTML."""
+    """Every error becomes ``{"error": {code, message}}``; never a traceback or HTML.
+    A 5xx message names the request id, so an operator can find its log lines."""
+    resp = await _errors_as_json(request, handler)
+    if (
+        resp.status >= 500
+        and isinstance(resp, web.Response)
+        and resp.content_type == ("application/json")
+    ):
+        rid = request.get(REQUEST_ID)
+        body = resp.body
+        if rid is not None and isinstance(body, bytes):
+            try:
+                doc = json.loads(body)
+                doc["error"]["message"] += f" (request id {rid})"
+            except (ValueError, KeyError, TypeError):
+                return resp
+            resp.body = json.dumps(doc).encode()
+    return resp
+
+
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except HeraldError as exc:
@@ -123,8 +145,22 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     token = bearer_token(request, allow_query=is_events_route(request))
     if token is None:
         raise Unauthorized("missing bearer token")
+    # Checked before the token, so a limited address learns nothing from its guesses
+    # (a good token is refused too; see shared/services/auth_limit.py).
+    limiter = request.app[AUTH_LIMIT]
+    address = client_ip(request, request.app[SETTINGS].trusted_proxies)
+    retry_after = await limiter.retry_after(address)
+    if retry_after is not None:
+        request.app[METRICS].auth_throttled.inc()
+        raise RetryLater(
+            "too many bad tokens from this address; retry later",
+            code="too_many_auth_failures",
+            retry_after=retry_after,
+            status=429,
+        )
     user = await request.app[USERS].authenticate(token)
     if user is None:
+        await limiter.record_failure(address)
         raise Unauthorized("invalid token")
     request[USER] = user
     return await handler(request)

@@ -22,10 +22,12 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_server import Server
 
 from server.app import begin_draining, init_app
 from server.clientip import IPNetwork, resolve
 from server.keys import SETTINGS, STREAMS
+from server.protocol import HeraldWebServer, install_accept_error_handler
 from shared.entry import configure_logging, describe, fail, run_command
 from shared.sdnotify import Notifier
 from shared.settings import Settings
@@ -94,6 +96,10 @@ class DrainingRunner(web.AppRunner):
     wait for handlers, cancel, cleanup) with one deadline for all of it: on_shutdown
     drains the streams; requests still running get only what remains of the window."""
 
+    async def _make_server(self) -> Server:
+        # Our connection layer (server/protocol.py) over the app's own request handling.
+        return HeraldWebServer(await super()._make_server(), self.app[SETTINGS])
+
     async def shutdown(self) -> None:
         started = time.monotonic()
         await super().shutdown()
@@ -160,6 +166,7 @@ def tune_gc() -> None:
 
 async def run(settings: Settings) -> None:
     notifier = Notifier.from_settings(settings)
+    install_accept_error_handler(asyncio.get_running_loop())
     server = HeraldServer(settings)
     await server.start()
     tune_gc()

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from shared.errors import HeraldError
+from shared.logcontext import RequestIdFilter
 from shared.logformat import TEXT_FORMAT, JsonFormatter, RoutineArqLines
 from shared.settings import Settings, SettingsError
 
@@ -25,7 +26,9 @@ def configure_logging(settings: Settings) -> None:
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT + "%(request_tag)s"))
+    # Every line logged in a request carries its id (X-Request-ID).
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -131,6 +131,14 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        self.auth_failures = Counter(
+            "herald_auth_failures", "Requests with a bad bearer token", registry=r
+        )
+        self.auth_throttled = Counter(
+            "herald_auth_throttled",
+            "Requests refused 429 too_many_auth_failures (HERALD_AUTH_FAIL_LIMIT)",
+            registry=r,
+        )
         self.messages_posted = Counter(
             "herald_messages_posted",
             "Messages stored, by how (rest: POST; delayed: a delayed message delivered)",

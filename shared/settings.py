@@ -246,6 +246,8 @@ class Settings:
     log_format: str = "text"
     log_level: str = "info"
     worker_metrics_port: int = 9091
+    header_timeout_s: float = 10.0
+    auth_fail_limit: int = 20
     # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
     # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
     notify_socket: str | None = None
@@ -311,6 +313,8 @@ class Settings:
             log_format=_choice(e, "HERALD_LOG_FORMAT", "text", LOG_FORMATS),
             log_level=_choice(e, "HERALD_LOG_LEVEL", "info", LOG_LEVELS),
             worker_metrics_port=_port(e, "HERALD_WORKER_METRICS_PORT", 9091),
+            header_timeout_s=_float(e, "HERALD_HEADER_TIMEOUT_S", 10.0, minimum=0.05),
+            auth_fail_limit=_int(e, "HERALD_AUTH_FAIL_LIMIT", 20, minimum=1),
             notify_socket=_notify_socket(process_env),
             watchdog_usec=_watchdog_usec(process_env),
         )

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from server.keys import AUTH_LIMIT
 from tests.conftest import AuthUser
 from tests.helpers import API, make_channel
 
@@ -50,8 +51,10 @@ async def expect_401(resp: Any, what: Any = None) -> None:
 
 
 async def test_missing_invalid_or_malformed_bearer(
-    client: TestClient[Any, Any], alice: AuthUser
+    client: TestClient[Any, Any], alice: AuthUser, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Many bad tokens from one address: above HERALD_AUTH_FAIL_LIMIT (tests/faults/).
+    monkeypatch.setattr(client.app[AUTH_LIMIT], "limit", 10_000)
     for method, path, body in ROUTES:
         for auth in BAD_AUTH:
             headers = {} if auth is None else {"Authorization": auth}
