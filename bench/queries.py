@@ -51,8 +51,9 @@ REDIS_URL = os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/14")
 DB_NAME = f"herald_bench_{os.getpid()}"
 
 SEED_SQL = """
-INSERT INTO users (name, token_hash)
-SELECT 'seed' || g, sha256(('seed-token-' || g)::bytea) FROM generate_series(1, %(users)s) g;
+INSERT INTO users (name) SELECT 'seed' || g FROM generate_series(1, %(users)s) g;
+INSERT INTO api_tokens (user_id, token_hash)
+SELECT id, sha256(('seed-token-' || id)::bytea) FROM users WHERE name LIKE 'seed%%';
 
 INSERT INTO channels (name, topic, is_private, created_by)
 SELECT 'chan-' || g, 'topic of channel ' || g, g %% 10 = 0, 1 + (g * 7919) %% %(users)s

@@ -1,4 +1,4 @@
-"""The ``herald`` command: serve, worker, migrate, users, jobs, audit (and ``--version``)."""
+"""The ``herald`` command: serve, worker, migrate, users, tokens, jobs, audit, ``--version``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,139 @@ def cmd_users_create(settings: Settings, args: argparse.Namespace) -> int:
     user_id, token = asyncio.run(run())
     print(f"id: {user_id}")
     print(f"token: {token}")
+    return 0
+
+
+def token_days(raw: str) -> int:
+    """argparse type for --expires-in: whole days, 1 to MAX_EXPIRES_DAYS (else exit 2)."""
+    from shared.services.users import MAX_EXPIRES_DAYS, shown
+
+    text = raw.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 6:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {shown(raw, 20)}")
+    days = int(text)
+    if not 1 <= days <= MAX_EXPIRES_DAYS:
+        raise argparse.ArgumentTypeError(f"must be 1-{MAX_EXPIRES_DAYS} days, got {days}")
+    return days
+
+
+def token_id(raw: str) -> int:
+    """argparse type for TOKEN_ID: a positive id PostgreSQL can hold (else exit 2)."""
+    from shared.services.users import shown
+
+    text = raw.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or not 0 < int(text) < 2**63:
+        raise argparse.ArgumentTypeError(f"not a token id: {shown(raw, 20)}")
+    return int(text)
+
+
+def when(ts: Any) -> str:
+    from shared.models import iso
+
+    return iso(ts.replace(microsecond=0)) or "-"
+
+
+def cmd_tokens_create(settings: Settings, args: argparse.Namespace) -> int:
+    """A new token for an existing user, printed once."""
+    from shared.db.pool import Database, create_pool
+    from shared.services.users import UserService
+
+    async def run() -> tuple[Any, str]:
+        db = Database(await create_pool(settings.database_url, maxsize=1))
+        try:
+            users = UserService(db=db)
+            user = await users.by_name(args.name)
+            return await users.create_token(user, expires_in_days=args.expires_in, label=args.label)
+        finally:
+            await db.close()
+
+    info, token = asyncio.run(run())
+    print(f"id: {info.id}")
+    print(f"token: {token}")
+    if info.expires_at is not None:
+        print(f"expires: {when(info.expires_at)}")
+    return 0
+
+
+def cmd_tokens_list(settings: Settings, args: argparse.Namespace) -> int:
+    """A user's tokens, one per line: never the token or its hash."""
+    from datetime import UTC, datetime
+
+    from shared.db.pool import Database, create_pool
+    from shared.services.users import UserService
+
+    async def run() -> Any:
+        db = Database(await create_pool(settings.database_url, maxsize=1))
+        try:
+            return await UserService(db=db).list_tokens(args.name)
+        finally:
+            await db.close()
+
+    _user, tokens = asyncio.run(run())
+    now = datetime.now(UTC)
+    rows = [("ID", "STATUS", "CREATED", "LAST USED", "EXPIRES", "REVOKED", "LABEL")]
+    for t in tokens:
+        rows.append(
+            (
+                str(t.id),
+                t.status(now),
+                when(t.created_at),
+                when(t.last_used_at) if t.last_used_at else "never",
+                when(t.expires_at) if t.expires_at else "never",
+                when(t.revoked_at) if t.revoked_at else "-",
+                t.label if t.label is not None else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    return 0
+
+
+def cmd_tokens_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    """Revoke a token: refused by every server within 2 s, its open streams closed."""
+    import redis.asyncio as aioredis
+
+    from shared.bus import EventBus, redis_client
+    from shared.cache import MetadataCache
+    from shared.db.pool import Database, create_pool
+    from shared.metrics import Metrics
+    from shared.services.users import UserService
+
+    async def reachable(client: aioredis.Redis) -> bool:
+        try:
+            async with asyncio.timeout(2):
+                await client.ping()
+        except Exception:
+            return False
+        return True
+
+    async def run() -> tuple[Any, bool, bool]:
+        db = Database(await create_pool(settings.database_url, maxsize=1))
+        client = redis_client(settings)
+        try:
+            # Redis is the fast path only (the servers find the revoke in PostgreSQL
+            # within 2 s by themselves): an unreachable one is skipped, not waited for.
+            up = await reachable(client)
+            cache = MetadataCache(redis=client, settings=settings, metrics=Metrics.null())
+            users = UserService(
+                db=db,
+                cache=cache if up else None,
+                bus=EventBus(client, settings) if up else None,
+            )
+            info, changed = await users.revoke_token(args.token_id)
+            return info, changed, up
+        finally:
+            await client.aclose()
+            await db.close()
+
+    info, changed, notified = asyncio.run(run())
+    if changed:
+        print(f"revoked: token {info.id}")
+    else:
+        print(f"already revoked: token {info.id} (at {when(info.revoked_at)})")
+    if not notified:
+        print("note: Redis unreachable; servers refuse the token within 2 s all the same")
     return 0
 
 
@@ -176,6 +309,9 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "worker": cmd_worker,
     "migrate": cmd_migrate,
     "users.create": cmd_users_create,
+    "tokens.create": cmd_tokens_create,
+    "tokens.list": cmd_tokens_list,
+    "tokens.revoke": cmd_tokens_revoke,
     "jobs.enqueue": cmd_jobs_enqueue,
     "jobs.status": cmd_jobs_status,
     "audit.verify": cmd_audit_verify,
@@ -195,7 +331,8 @@ def wait_seconds(raw: str) -> float:
 
 DESCRIPTION = (
     "Herald, a self-hosted real-time messaging backend: run its server and worker,"
-    " migrate its database, manage users, queue operators' jobs, verify the audit trail."
+    " migrate its database, manage users and their API tokens, queue operators' jobs,"
+    " verify the audit trail."
     " Settings come from the environment and an optional .env (docs/configuration.md)."
 )
 
@@ -254,10 +391,58 @@ def build_parser() -> argparse.ArgumentParser:
         users,
         "create",
         "create a user and print its token",
-        "Create a user; prints 'id: N' and 'token: T'. The token is shown only this once.",
+        "Create a user with a first API token; prints 'id: N' (the user's) and 'token: T'."
+        " The token is shown only this once; more with 'herald tokens create'.",
     )
     create.add_argument("name", metavar="NAME", help="the user's name (1-80 printable characters)")
     create.add_argument("--admin", action="store_true", help="make the user an administrator")
+    tokens = add_command(
+        sub,
+        "tokens",
+        "manage users' API tokens",
+        "Create, list and revoke API tokens. A user may hold several; a revoked or"
+        " expired token is refused by every server within 2 s and its open streams get"
+        " 'close' (revoked).",
+    ).add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
+    tcreate = add_command(
+        tokens,
+        "create",
+        "create another token for a user and print it",
+        "Create an API token for the user NAME; prints 'id: N' (the token's, for revoke)"
+        " and 'token: T', and 'expires: TIME' if it expires. The token is shown only this"
+        " once. Exit 1 if there is no such user.",
+    )
+    tcreate.add_argument("name", metavar="NAME", help="the user's name")
+    tcreate.add_argument(
+        "--expires-in",
+        metavar="DAYS",
+        type=token_days,
+        default=None,
+        help="the token stops working after DAYS days (1-3650); default: never",
+    )
+    tcreate.add_argument(
+        "--label", default=None, help="a note shown by 'tokens list' (1-80 printable characters)"
+    )
+    tlist = add_command(
+        tokens,
+        "list",
+        "list a user's tokens",
+        "List the user NAME's tokens: id, status (active, expired, revoked), creation, last"
+        " use (recorded at most once a minute), expiry, revocation and label. Never the"
+        " token itself. Exit 1 if there is no such user.",
+    )
+    tlist.add_argument("name", metavar="NAME", help="the user's name")
+    trevoke = add_command(
+        tokens,
+        "revoke",
+        "revoke a token",
+        "Revoke the token TOKEN_ID (see 'tokens list'): every server refuses it within 2 s"
+        " and closes its open streams. Revoking it again changes nothing. Exit 1 if there is"
+        " no such token.",
+    )
+    trevoke.add_argument(
+        "token_id", metavar="TOKEN_ID", type=token_id, help="the token's id (from 'tokens list')"
+    )
     jobs = add_command(
         sub,
         "jobs",

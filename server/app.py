@@ -42,6 +42,7 @@ from server.sse.feeds import Feeds
 from server.sse.hub import Hub
 from server.sse.leases import IpLeases
 from server.sse.manager import StreamManager
+from server.sse.tokens import TokenWatch
 from shared.bus import EventBus, arq_pool, redis_client
 from shared.constants import events_channel
 from shared.db.monitor import QueryMonitor, query_scope
@@ -122,6 +123,10 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     manager.attach(feeds, app[MESSAGES], await load_key(app[DB], CURSOR_KEY), leases, app[CHANNELS])
     hub = Hub(app[REDIS], events_channel(settings.redis_db), app[METRICS])
     hub.add_listener(manager.on_event)
+    # Revoked or expired tokens: their streams end, their cache entries go, by the bus
+    # and by a sweep of PostgreSQL each second (server/sse/tokens.py).
+    tokens = TokenWatch(manager=manager, users=app[USERS], timeout_s=settings.backend_timeout_s)
+    hub.add_listener(tokens.on_event)
     hub.on_subscribed.append(feeds.bus_back)
     hub.on_lost.append(feeds.bus_lost)
     feeds.access_check = manager.recheck_access
@@ -130,7 +135,9 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     hub.start()
     manager.start()  # the one process-wide SSE timer (heartbeats, stale checks)
     leases.start(manager.ip_holders)  # per-IP slots shared by every process
+    tokens.start()
     yield
+    await tokens.stop()
     await manager.stop()
     await leases.stop()
     await hub.stop()

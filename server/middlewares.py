@@ -16,12 +16,13 @@ from server.keys import AUTH_LIMIT, METRICS, SETTINGS, USERS
 from server.protocol import REQUEST_ID
 from shared.constants import API_PREFIX
 from shared.errors import HeraldError, PayloadTooLarge, RetryLater, Unauthorized, code_for_status
-from shared.models import User
+from shared.models import Credential, User
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 USER = web.RequestKey("user", User)
+CREDENTIAL = web.RequestKey("credential", Credential)
 
 
 def error_response(
@@ -158,12 +159,20 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             retry_after=retry_after,
             status=429,
         )
-    user = await request.app[USERS].authenticate(token)
-    if user is None:
+    cred = await request.app[USERS].authenticate(token)
+    if cred is None:  # unknown, revoked or expired: one answer for all three
         await limiter.record_failure(address)
         raise Unauthorized("invalid token")
-    request[USER] = user
+    request[USER] = cred.user
+    request[CREDENTIAL] = cred
     return await handler(request)
+
+
+def current_credential(request: web.Request) -> Credential:
+    cred: Credential | None = request.get(CREDENTIAL)
+    if cred is None:
+        raise Unauthorized("missing bearer token")
+    return cred
 
 
 def current_user(request: web.Request) -> User:

@@ -67,18 +67,30 @@ class ChannelDeleted:
     channel_id: int
 
 
-BusEvent = MessagePosted | MemberAdded | MemberRemoved | ChannelDeleted
+@dataclass(frozen=True, slots=True)
+class TokenRevoked:
+    """An API token was revoked: every process closes the streams it opened."""
+
+    token_id: int
+    user_id: int
+
+
+ChannelEvent = MessagePosted | MemberAdded | MemberRemoved | ChannelDeleted
+BusEvent = ChannelEvent | TokenRevoked
 
 # The wire names of the events (kept from the first version: "revoke" is a removal).
-TYPE_MESSAGE, TYPE_JOINED, TYPE_REVOKE, TYPE_DELETED = (
+TYPE_MESSAGE, TYPE_JOINED, TYPE_REVOKE, TYPE_DELETED, TYPE_TOKEN_REVOKED = (
     "message",
     "member_added",
     "revoke",
     "channel_deleted",
+    "token_revoked",
 )
 
 
 def encode_event(event: BusEvent) -> dict[str, Any]:
+    if isinstance(event, TokenRevoked):
+        return {"type": TYPE_TOKEN_REVOKED, "token_id": event.token_id, "user_id": event.user_id}
     if isinstance(event, MessagePosted):
         return {
             "type": TYPE_MESSAGE,
@@ -112,6 +124,11 @@ def decode_event(data: Any) -> BusEvent | None:
     if not isinstance(data, dict):
         return None
     kind = data.get("type")
+    if kind == TYPE_TOKEN_REVOKED:
+        token_id, user_id = _int(data.get("token_id")), _int(data.get("user_id"))
+        if token_id is None or user_id is None:
+            return None
+        return TokenRevoked(token_id, user_id)
     channel_id = _int(data.get("channel_id"))
     if channel_id is None:
         return None
@@ -133,7 +150,7 @@ def decode_event(data: Any) -> BusEvent | None:
 
 
 class EventBus:
-    """Publishes channel events to every server process (one pub/sub channel)."""
+    """Publishes channel and token events to every server process (one pub/sub channel)."""
 
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
@@ -168,3 +185,6 @@ class EventBus:
 
     async def channel_deleted(self, channel_id: int) -> None:
         await self.publish(ChannelDeleted(channel_id))
+
+    async def token_revoked(self, token_id: int, user_id: int) -> bool:
+        return await self.publish(TokenRevoked(token_id, user_id))

@@ -15,7 +15,17 @@ is seen by all. Correctness rests on two rules:
   processes, a short ``SET NX`` lock elects the loader and the others poll the entry.
 
 Token → user entries make an authenticated request free of database work too. They are
-keyed by the token's sha256 (never the token) and live at most ``USER_TTL_MAX_S``.
+keyed by the token's sha256 (never the token), live at most ``USER_TTL_MAX_S`` and never
+past the token's own expiry. A revoked token must be refused everywhere within 2 s, so a
+revoke deletes its entry after the commit, and because that delete can be lost (Redis
+away at that moment; a loader that read the row just before the commit and stores just
+after the delete), every server process deletes again, each second, the entries of every
+token revoked within the last TTL and a margin (``UserService.sweep_revocations``): a
+lost delete is made good within a second, and an entry stored before the revoke has
+expired by itself before the window ends. Chosen over capping the TTL near 1 s, which
+would cost a database read per active token per second and make "a cached token costs
+no statement" hold only by timing. With Redis unreachable nothing is read from it, so
+every request sees PostgreSQL's answer.
 
 Redis trouble never fails a request: reads fall back to PostgreSQL and are counted.
 """
@@ -26,6 +36,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -40,13 +51,13 @@ from shared.constants import (
     user_token_cache_key,
 )
 from shared.metrics import Metrics
-from shared.models import User, may_see_channel
+from shared.models import Credential, User, may_see_channel
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Users never change in this version (no rename, no token rotation); the short TTL bounds
-# how long a user removed by hand in SQL keeps working.
+# The short TTL bounds how long a user removed by hand in SQL keeps working; revoked
+# tokens are dropped within a second (see the docstring).
 USER_TTL_MAX_S = 60
 LOCK_TTL_S = 5.0
 POLL_FIRST_S = 0.005
@@ -308,8 +319,9 @@ class MetadataCache:
                 return
 
     # -- token → user ------------------------------------------------------------------
-    async def user_for(self, token_hash: bytes) -> User | None:
-        """The cached user of a token's sha256, or None (miss, or caching off)."""
+    async def credential_for(self, token_hash: bytes) -> Credential | None:
+        """The cached credential of a token's sha256, or None (miss, caching off, or the
+        token expired since it was stored)."""
         if not self.enabled:
             return None
         try:
@@ -320,22 +332,51 @@ class MetadataCache:
         if raw is None:
             self._miss("user")
             return None
-        self._hit("user")
         data = json.loads(raw)
-        return User(int(data["id"]), str(data["name"]), bool(data["is_admin"]))
+        expires = data.get("exp")
+        cred = Credential(
+            User(int(data["id"]), str(data["name"]), bool(data["is_admin"])),
+            int(data["tok"]),
+            None if expires is None else float(expires),
+        )
+        if cred.expired(time.time()):
+            self._miss("user")
+            return None
+        self._hit("user")
+        return cred
 
-    async def remember_user(self, token_hash: bytes, user: User) -> None:
-        """Cache a successful token lookup (by the token's sha256) for ``user_ttl_s``."""
+    async def remember_credential(self, token_hash: bytes, cred: Credential) -> None:
+        """Cache a successful token lookup (by the token's sha256) for ``user_ttl_s``,
+        or until the token expires if that is sooner."""
         if not self.enabled:
             return
+        ttl_ms = int(self.user_ttl_s * 1000)
+        if cred.expires_at is not None:
+            ttl_ms = min(ttl_ms, int((cred.expires_at - time.time()) * 1000))
+        if ttl_ms <= 0:
+            return
+        entry = {**cred.user.to_json(), "tok": cred.token_id, "exp": cred.expires_at}
         try:
             await self.redis.set(
                 user_token_cache_key(token_hash.hex()),
-                json.dumps(user.to_json(), separators=(",", ":")),
-                ex=self.user_ttl_s,
+                json.dumps(entry, separators=(",", ":")),
+                px=ttl_ms,
             )
         except RedisError as exc:
             self._error("store", exc)
+
+    async def forget_credentials(self, token_hashes: list[bytes]) -> bool:
+        """Drop these tokens' entries (after their revoke committed); False if Redis
+        failed (the servers' sweep deletes them again, see the docstring)."""
+        if not token_hashes:
+            return True
+        try:
+            await self.redis.delete(*(user_token_cache_key(h.hex()) for h in token_hashes))
+        except RedisError as exc:
+            self._error("invalidate", exc)
+            return False
+        self.metrics.cache_invalidations.labels("user").inc(len(token_hashes))
+        return True
 
     def stats(self) -> dict[str, Any]:
         """This process's hit/miss/invalidation counts (for ``/health``)."""

@@ -24,6 +24,19 @@ class User:
         return {"id": self.id, "name": self.name, "is_admin": self.is_admin}
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Who a request's token says it is: the user, which of its tokens, and when that
+    token expires (unix seconds; None: never). Streams keep it to end with the token."""
+
+    user: User
+    token_id: int
+    expires_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
 def may_see_channel(user: User, *, is_private: bool, is_member: bool) -> bool:
     """The visibility rule: a public channel is everyone's; a private one is seen by its
     members and admins only. (The channel listing's SQL states the same rule.)"""

@@ -26,7 +26,7 @@ from aiohttp_sse import EventSourceResponse
 
 from server.clientip import client_ip
 from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
-from server.middlewares import current_user
+from server.middlewares import current_credential, current_user
 from server.params import path_id
 from server.sse import frames
 from server.sse.cursor import Cursor
@@ -131,8 +131,14 @@ async def channel_events(request: web.Request) -> web.StreamResponse:
         if not manager.revoked_since(channel_id, user.id, since):
             break
     ip = client_ip(request, app[SETTINGS].trusted_proxies)
+    cred = current_credential(request)
     stream = await manager.admit(
-        channel_id=channel_id, user_id=user.id, ip=ip, transport=request.transport
+        channel_id=channel_id,
+        user_id=user.id,
+        ip=ip,
+        transport=request.transport,
+        token_id=cred.token_id,
+        token_expires_at=cred.expires_at,
     )
     logger.debug("SSE %s opened: channel %d user %d", stream.id, channel_id, user.id)
     return await run_stream(request, stream, after_id=after_id)
@@ -163,12 +169,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     if resume is not None:  # checked above; now read against the stream's own list
         resume = parse_resume(request, manager.cursor_key, followed)
     ip = client_ip(request, settings.trusted_proxies)
+    cred = current_credential(request)
     stream = await manager.admit(
         channels=followed,
         kind=CHOSEN if chosen else MEMBERSHIP,
         user_id=user.id,
         ip=ip,
         transport=request.transport,
+        token_id=cred.token_id,
+        token_expires_at=cred.expires_at,
     )
     logger.debug("SSE %s opened: %d channels, user %d", stream.id, len(followed), user.id)
     return await run_stream(request, stream, resume=resume)

@@ -32,7 +32,7 @@ from server.sse.stream import (
     Stream,
     new_stream_id,
 )
-from shared.bus import BusEvent, MemberAdded, MemberRemoved, MessagePosted
+from shared.bus import BusEvent, MemberAdded, MemberRemoved, MessagePosted, TokenRevoked
 from shared.errors import RetryLater
 from shared.metrics import Metrics, Tally
 from shared.services.channels import ChannelService
@@ -190,6 +190,8 @@ class StreamManager:
         channels: Iterable[int] = (),
         kind: int = ONE,
         stream_id: str | None = None,
+        token_id: int = 0,
+        token_expires_at: float | None = None,
     ) -> Stream:
         """Check the limits and register a new stream in one step (no await between),
         or raise RetryLater: 429 per IP or global, 503 while draining."""
@@ -219,6 +221,8 @@ class StreamManager:
             kind=kind,
             now=now,
             stream_id=stream_id,
+            token_id=token_id,
+            token_expires_at=token_expires_at,
         )
         self.streams[stream.id] = stream
         for c in followed:
@@ -293,6 +297,8 @@ class StreamManager:
         channel_id: int | None = None,
         channels: Iterable[int] = (),
         kind: int = ONE,
+        token_id: int = 0,
+        token_expires_at: float | None = None,
     ) -> Stream:
         """The per-IP slot across processes, then ``open``; the slot goes back if the
         local limits refuse."""
@@ -306,6 +312,8 @@ class StreamManager:
                 channels=channels,
                 kind=kind,
                 stream_id=stream_id,
+                token_id=token_id,
+                token_expires_at=token_expires_at,
             )
         except BaseException:
             self.give_back_ip_slot(ip, stream_id)
@@ -555,6 +563,8 @@ class StreamManager:
             if self.feeds is not None:
                 self.feeds.on_message(event)
             return
+        if isinstance(event, TokenRevoked):
+            return  # server/sse/tokens.py listens for these
         now = time.monotonic()
         channel_id = event.channel_id
         if isinstance(event, MemberAdded):

@@ -85,6 +85,8 @@ class Stream:
         "sent_id",
         "stale",
         "state",
+        "token_expires_at",
+        "token_id",
         "transport",
         "user_id",
         "writer",
@@ -100,6 +102,8 @@ class Stream:
         kind: int = ONE,
         now: float | None = None,
         stream_id: str | None = None,
+        token_id: int = 0,
+        token_expires_at: float | None = None,
     ) -> None:
         self.id = stream_id or new_stream_id()
         self.kind = kind
@@ -107,6 +111,10 @@ class Stream:
         # The one channel of a per-channel stream (0 for the others).
         self.channel_id = next(iter(channels)) if kind == ONE else 0
         self.user_id = user_id
+        # The token that opened it (server/sse/tokens.py ends the stream with the token),
+        # and when that token expires (unix seconds; None: never).
+        self.token_id = token_id
+        self.token_expires_at = token_expires_at
         self.ip = ip
         self.transport = transport
         sock = transport.get_extra_info("socket") if transport is not None else None

@@ -93,7 +93,7 @@ def build_services(
     return Services(
         cache=cache,
         audit=audit,
-        users=UserService(db=db, cache=cache),
+        users=UserService(db=db, cache=cache, bus=bus),
         channels=ChannelService(db=db, bus=bus, cache=cache),
         messages=MessageService(db=db, bus=bus, metrics=metrics),
         queue_stats=stats,

@@ -19,10 +19,7 @@ async def plan(db, sql: str, params=()) -> str:
 
 @pytest.fixture
 async def populated(db):
-    await db.execute(
-        "INSERT INTO users (name, token_hash) SELECT 'u' || g, decode(md5(g::text), 'hex')"
-        " FROM generate_series(1, 50) g"
-    )
+    await db.execute("INSERT INTO users (name) SELECT 'u' || g FROM generate_series(1, 50) g")
     await db.execute("INSERT INTO channels (name, created_by) VALUES ('c', 1)")
     # Mostly settled rows, a few waiting for or failing file removal.
     await db.execute(

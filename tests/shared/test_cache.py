@@ -19,7 +19,7 @@ from shared.constants import channel_cache_key, channel_gen_key, channel_lock_ke
 from shared.db.monitor import normalise
 from shared.db.pool import Database
 from shared.metrics import Metrics
-from shared.models import User
+from shared.models import Credential, User
 from shared.services.channels import DETAIL_SQL
 from shared.settings import Settings
 from tests.conftest import AuthUser, UserFactory
@@ -183,10 +183,7 @@ async def test_large_private_channel_membership(
     client: TestClient[Any, Any], alice: AuthUser, app_db: Database
 ) -> None:
     cid = await make_channel(client, alice, "big-private", private=True)
-    await app_db.execute(
-        "INSERT INTO users (name, token_hash)"
-        " SELECT 'm' || g, sha256(('t' || g)::bytea) FROM generate_series(1, 3000) g"
-    )
+    await app_db.execute("INSERT INTO users (name) SELECT 'm' || g FROM generate_series(1, 3000) g")
     await app_db.execute(
         "INSERT INTO channel_members (channel_id, user_id)"
         " SELECT %s, id FROM users WHERE name LIKE 'm%%'",
@@ -386,8 +383,9 @@ async def test_redis_down_falls_back_to_the_database(
 
         assert (await cache.channel_for(8, User(1, "m", False), load)) is not None
         assert (await cache.channel_for(8, User(2, "x", False), load)) is None
-        assert await cache.user_for(b"\x00" * 32) is None
-        await cache.remember_user(b"\x00" * 32, User(1, "m", False))
+        assert await cache.credential_for(b"\x00" * 32) is None
+        await cache.remember_credential(b"\x00" * 32, Credential(User(1, "m", False), 1))
+        assert not await cache.forget_credentials([b"\x00" * 32])
         await cache.invalidate_channel(8)  # logged, not raised
         assert cache.counts["errors"] >= 5
         assert any("invalidation of channel 8 failed" in r.getMessage() for r in caplog.records)
@@ -446,5 +444,6 @@ async def test_settings_ttl_bounds_user_entries(settings: Settings, redis: aiore
     long = MetadataCache(
         redis=redis, settings=replace(settings, cache_ttl_s=3600), metrics=Metrics()
     )
-    assert short.user_ttl_s == 20 and long.user_ttl_s == 60
+    off = MetadataCache(redis=redis, settings=replace(settings, cache_ttl_s=0), metrics=Metrics())
+    assert short.user_ttl_s == 20 and long.user_ttl_s == 60 and off.user_ttl_s == 0
     assert long.gen_ttl_s > long.ttl_s

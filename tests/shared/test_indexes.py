@@ -23,12 +23,13 @@ from shared.services.messages import MessageService
 from shared.services.users import SEARCH_SQL, UserService
 from shared.settings import Settings
 
-TABLES = ("users", "channels", "channel_members", "messages")
+TABLES = ("users", "api_tokens", "channels", "channel_members", "messages")
 USERS, CHANNELS, PER_CHANNEL = 3000, 2000, 30
 
 SEED = f"""
-INSERT INTO users (name, token_hash)
-SELECT 'u' || g, sha256(('token-' || g)::bytea) FROM generate_series(1, {USERS}) g;
+INSERT INTO users (name) SELECT 'u' || g FROM generate_series(1, {USERS}) g;
+INSERT INTO api_tokens (user_id, token_hash)
+SELECT g, sha256(('token-' || g)::bytea) FROM generate_series(1, {USERS}) g;
 INSERT INTO channels (name, is_private, created_by)
 SELECT 'c' || g, g %% 10 = 0, 1 + g %% {USERS} FROM generate_series(1, {CHANNELS}) g;
 INSERT INTO channel_members (channel_id, user_id)
@@ -46,8 +47,11 @@ UPDATE channel_members SET last_read_message_id = channel_id * {PER_CHANNEL} - 1
 EXPECTED_INDEXES = {
     "users_pkey",
     "users_name_key",
-    "users_token_hash_key",
     "users_name_prefix_idx",
+    "api_tokens_pkey",
+    "api_tokens_token_hash_key",
+    "api_tokens_user_idx",
+    "api_tokens_revoked_idx",
     "channels_pkey",
     "channels_name_key",
     "channel_members_pkey",
@@ -117,7 +121,8 @@ async def test_every_service_statement_uses_an_index(
     admin = User(2, "u2", True)
     cid = 990  # private (id % 10 == 0), and user 1 is a member (id % 3 == 0)
 
-    assert await users.authenticate("token-1") == member
+    cred = await users.authenticate("token-1")
+    assert cred is not None and cred.user == member
     await channels.list_visible(member, limit=100, cursor=None)
     page = await channels.list_visible(member, limit=100, cursor=None)
     await channels.list_visible(member, limit=100, cursor=page["next_cursor"])
@@ -154,7 +159,7 @@ async def test_every_service_statement_uses_an_index(
 
     listing = used(normalise(LIST_SQL)[:120])
     assert {"channels_pkey", "channel_members_pkey", "messages_channel_id_idx"} <= listing
-    assert used("FROM users WHERE token_hash") == {"users_token_hash_key"}
+    assert used("WHERE t.token_hash = %s") >= {"api_tokens_token_hash_key", "users_pkey"}
     assert {"channels_pkey", "channel_members_pkey"} <= used(normalise(DETAIL_SQL)[:150])
     assert "messages_channel_id_idx" in used("ORDER BY m.id DESC LIMIT %s")
     assert "messages_channel_id_idx" in used("ORDER BY m.id ASC LIMIT %s")

@@ -7,7 +7,7 @@ from shared.services.messages import insert_messages
 
 async def _seed(db):
     async with db.transaction() as tx:
-        await tx.execute("INSERT INTO users (name, token_hash) VALUES ('a', 'ta'), ('b', 'tb')")
+        await tx.execute("INSERT INTO users (name) VALUES ('a'), ('b')")
         await tx.execute("INSERT INTO channels (name, created_by) VALUES ('one', 1), ('two', 1)")
         await tx.execute(
             "INSERT INTO channel_members (channel_id, user_id) VALUES (1, 1), (2, 1), (1, 2)"

@@ -58,7 +58,8 @@ async def test_indexes_the_queries_need(fresh_db: Database) -> None:
     rows = await fresh_db.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
     names = {r["indexname"] for r in rows}
     assert {"messages_channel_id_idx", "channel_members_user_idx"} <= names
-    assert "users_token_hash_key" in names  # token lookups by hash
+    assert "api_tokens_token_hash_key" in names  # token lookups by hash
+    assert "users_token_hash_key" not in names  # 0008 moved the hashes
 
 
 async def test_two_concurrent_runs_apply_once(fresh_url: str) -> None:

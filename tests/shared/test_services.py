@@ -84,12 +84,16 @@ async def test_user_token_is_stored_hashed(users: UserService, db: Database) -> 
     user, token = await users.create("  carol  ", is_admin=True)
     assert user == User(user.id, "carol", True)
     assert token.startswith("hrd_") and len(token) > 40
-    row = await db.fetchrow("SELECT * FROM users WHERE id = %s", (user.id,))
+    row = await db.fetchrow("SELECT * FROM api_tokens WHERE user_id = %s", (user.id,))
     assert row is not None
     assert bytes(row["token_hash"]) == hash_token(token)
     dump = json.dumps({k: str(v) for k, v in row.items()})
+    user_row = await db.fetchrow("SELECT * FROM users WHERE id = %s", (user.id,))
+    assert user_row is not None
+    dump += json.dumps({k: str(v) for k, v in user_row.items()})
     assert token not in dump and token[4:] not in dump
-    assert await users.authenticate(token) == user
+    cred = await users.authenticate(token)
+    assert cred is not None and cred.user == user
     assert await users.get(user.id) == user
 
 
@@ -119,7 +123,8 @@ async def test_user_duplicate_and_missing(users: UserService) -> None:
 async def test_unicode_and_sql_user_names(users: UserService) -> None:
     for name in ["Zoë 🚀", "Robert'); DROP TABLE users;--", "a" * 80]:
         user, token = await users.create(name)
-        assert (await users.authenticate(token)) == user
+        cred = await users.authenticate(token)
+        assert cred is not None and cred.user == user
         assert user.name == name
 
 
