@@ -60,15 +60,19 @@ def cmd_users_create(settings: Settings, args: argparse.Namespace) -> int:
 
 def token_days(raw: str) -> int:
     """argparse type for --expires-in: whole days, 1 to MAX_EXPIRES_DAYS (else exit 2)."""
+    import re
+
     from shared.services.users import MAX_EXPIRES_DAYS, shown
 
     text = raw.strip()
-    if not text.isascii() or not text.isdigit() or len(text) > 6:
+    if not re.fullmatch(r"[+-]?[0-9]+", text, re.ASCII):
         raise argparse.ArgumentTypeError(f"not a whole number of days: {shown(raw, 20)}")
-    days = int(text)
-    if not 1 <= days <= MAX_EXPIRES_DAYS:
-        raise argparse.ArgumentTypeError(f"must be 1-{MAX_EXPIRES_DAYS} days, got {days}")
-    return days
+    # No int() of a huge digit string: a length check says "out of range" first.
+    if len(text.lstrip("+-")) > 6 or not 1 <= int(text) <= MAX_EXPIRES_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"must be 1-{MAX_EXPIRES_DAYS} days, got {shown(text, 20)}"
+        )
+    return int(text)
 
 
 def token_id(raw: str) -> int:
