@@ -50,6 +50,9 @@ def test_every_command_has_a_description_and_every_argument_help():
         "worker",
         "migrate",
         "users create",
+        "tokens create",
+        "tokens list",
+        "tokens revoke",
         "jobs enqueue",
         "jobs status",
         "audit verify",
@@ -58,5 +61,5 @@ def test_every_command_has_a_description_and_every_argument_help():
 
 def test_top_level_help_names_every_command():
     text = build_parser().format_help()
-    for name in ("serve", "worker", "migrate", "users", "jobs", "audit", "--version"):
+    for name in ("serve", "worker", "migrate", "users", "tokens", "jobs", "audit", "--version"):
         assert name in text
