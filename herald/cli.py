@@ -107,9 +107,7 @@ def cmd_tokens_create(settings: Settings, args: argparse.Namespace) -> int:
 
     info, token = asyncio.run(run())
     print(f"id: {info.id}")
-    print(f"token: {token}")
-    if info.expires_at is not None:
-        print(f"expires: {when(info.expires_at)}")
+    print(f"token: {token}")  # two lines, as `users create` prints: `tokens list` has the rest
     return 0
 
 
@@ -413,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         "create",
         "create another token for a user and print it",
         "Create an API token for the user NAME; prints 'id: N' (the token's, for revoke)"
-        " and 'token: T', and 'expires: TIME' if it expires. The token is shown only this"
-        " once. Exit 1 if there is no such user.",
+        " and 'token: T', one per line. The token is shown only this once. Exit 1 if there"
+        " is no such user.",
     )
     tcreate.add_argument("name", metavar="NAME", help="the user's name")
     tcreate.add_argument(
