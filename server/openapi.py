@@ -329,7 +329,7 @@ def error(description: str, *, retry_after: bool = False) -> Schema:
 
 RESPONSES: dict[str, Schema] = {
     "InvalidJson": error("`invalid_json`: the body does not parse as JSON"),
-    "Unauthorized": error("`unauthorized`: token missing, malformed, unknown or revoked"),
+    "Unauthorized": error("`unauthorized`: token missing, malformed, unknown, revoked or expired"),
     "Forbidden": error("`forbidden`: authenticated but not allowed"),
     "NotFound": error(
         "no such resource (`channel_not_found`, `user_not_found`, `member_not_found`, "
