@@ -19,6 +19,7 @@ from typing import Any
 
 from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Tx
+from shared.enforcement import ORPHAN_DELETION, Enforcement
 from shared.metrics import Metrics
 from shared.services import audit
 from shared.services.attachments.deletions import FileDeletions
@@ -83,8 +84,10 @@ class OrphanScanner:
         storage: Storage,
         files: FileDeletions,
         audit: AuditTrail,
+        enforcement: Enforcement,
     ) -> None:
         self.db = db
+        self.enforcement = enforcement
         self.settings = settings
         self.metrics = metrics
         self.storage = storage
@@ -179,11 +182,19 @@ class OrphanScanner:
             # Symlinks and other special files are reported, never followed or removed.
             s.special_files += 1
             entries.append(self._detected(f, audit.DENIED, {"kind": "not_a_regular_file"}))
-        if s.dry_run:
+        observed = (
+            not s.dry_run
+            and bool(regular)
+            and not self.enforcement.enforces(
+                ORPHAN_DELETION, f"removing {len(regular)} orphan files", count=len(regular)
+            )
+        )
+        if s.dry_run or observed:
+            extra = {"observe_only": True} if observed else {}
             for f in regular:
                 s.orphans += 1
                 s.orphan_bytes += f.size
-                entries.append(self._detected(f, audit.DRY_RUN, {}))
+                entries.append(self._detected(f, audit.DRY_RUN, extra))
             await self.audit.record(*entries)
             self.metrics.orphan_files.labels(result="dry_run").inc(len(regular))
             return
