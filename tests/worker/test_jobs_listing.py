@@ -50,7 +50,9 @@ async def test_routine_results_are_counted_not_shown(settings, burst_worker):
     try:
         jobs = JobService(arq=pool)
         # A delivery tick with nothing due: a routine run like the worker's own.
-        await pool.enqueue_job(JOB_DELIVER_DELAYED, _job_id="herald:deliver:1", _queue_name=QUEUE_NAME)
+        await pool.enqueue_job(
+            JOB_DELIVER_DELAYED, _job_id="herald:deliver:1", _queue_name=QUEUE_NAME
+        )
         operator, _ = await jobs.enqueue("cleanup-delayed-messages", dry_run=True)
         await burst_worker(cron_jobs=[]).async_run()
         default = await jobs.listing()
