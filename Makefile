@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench install clean
+.PHONY: run test lint typecheck unit bench load install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ bench: $(STAMP)
 	@# As modules (python -m bench.NAME): run as a script, bench/queue.py would shadow the
 	@# standard library's `queue` for everything imported after it.
 	@for b in sse queue attachments queries; do echo "== bench/$$b.py"; $(BIN)/python -m bench.$$b || exit 1; done
+
+# Not in CI (about 25 minutes): the four load runs, then the 15-minute soak (2 servers,
+# 2 workers, a Redis and a PostgreSQL restart). Each prints its figures; any failed
+# check stops it. SOAK_MINUTES=2 for a short soak.
+SOAK_MINUTES ?= 15
+load: $(STAMP)
+	$(BIN)/python -m bench.load --streams 1000 10000
+	$(BIN)/python -m bench.queue
+	$(BIN)/python -m bench.attachments
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage

@@ -240,11 +240,22 @@ def print_job_state(state: Any) -> None:
         print(f"result: {json.dumps(state.result, default=str, sort_keys=True)}")
 
 
+def print_progress(figures: dict[str, Any]) -> None:
+    """One status line, rewritten in place: ``phase: files, scanned: 12000, …``."""
+    text = ", ".join(f"{key}: {value}" for key, value in figures.items())
+    sys.stderr.write(f"\r\x1b[Kprogress: {text[:200]}")
+    sys.stderr.flush()
+
+
 def cmd_jobs_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     """Queue an operator job (joining a real run already queued or running); with
     ``--wait``, exit 0 only if it finished and succeeded."""
     from shared.bus import arq_pool
     from shared.services.jobs import JobService
+
+    # Progress goes to a terminal only: a script reading stdout gets the same lines as
+    # before, and a log file no carriage-return litter.
+    show_progress = args.wait and sys.stderr.isatty()
 
     async def run() -> tuple[bool, Any]:
         pool = await arq_pool(settings)
@@ -252,12 +263,17 @@ def cmd_jobs_enqueue(settings: Settings, args: argparse.Namespace) -> int:
             jobs = JobService(arq=pool)
             job_id, joined = await jobs.enqueue(args.job, dry_run=args.dry_run)
             if args.wait:
-                return joined, await jobs.wait(job_id, max_wait_s=args.timeout)
+                on_progress = print_progress if show_progress else None
+                return joined, await jobs.wait(
+                    job_id, max_wait_s=args.timeout, on_progress=on_progress
+                )
             return joined, await jobs.state(job_id)
         finally:
             await pool.aclose()
 
     joined, state = asyncio.run(run())
+    if show_progress:
+        sys.stderr.write("\n")
     if joined:
         print("joined: a run of this job was already queued or running")
     print_job_state(state)
@@ -288,6 +304,43 @@ def cmd_jobs_status(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if state.status == "not_found" else 0
 
 
+def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    """Running and queued jobs, then the newest finished ones (results are kept 1 h)."""
+    from shared.bus import arq_pool
+    from shared.services.jobs import JobService
+
+    async def run() -> Any:
+        pool = await arq_pool(settings)
+        try:
+            return await JobService(arq=pool).listing(limit=args.limit, include_routine=args.all)
+        finally:
+            await pool.aclose()
+
+    listing = asyncio.run(run())
+    print(f"running or queued: {len(listing.active)}")
+    for state in listing.active:
+        print(f"  {state.status:<11} {state.job_id}  {state.function or '-'}"
+              f"  enqueued {state.enqueued_at or '-'}")  # fmt: skip
+    hidden = f" ({listing.hidden} routine not shown; --all shows them)" if listing.hidden else ""
+    print(f"finished (newest first): {len(listing.finished)}{hidden}")
+    for state in listing.finished:
+        outcome = "ok" if state.ok else "failed"
+        print(f"  {outcome:<11} {state.job_id}  {state.function or '-'}"
+              f"  finished {state.finished_at or '-'}")  # fmt: skip
+    return 0
+
+
+def list_limit(raw: str) -> int:
+    """argparse type for --limit: 1-1000."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 1-1000, got {raw!r}")
+    return value
+
+
 def cmd_smoke(settings: Settings, args: argparse.Namespace) -> int:
     """Check a running deployment end to end; exit 1 naming the step that failed."""
     from herald.smoke import run_smoke
@@ -316,6 +369,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "tokens.revoke": cmd_tokens_revoke,
     "jobs.enqueue": cmd_jobs_enqueue,
     "jobs.status": cmd_jobs_status,
+    "jobs.list": cmd_jobs_list,
     "audit.verify": cmd_audit_verify,
 }
 
@@ -465,7 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="cleanup-delayed-messages, orphan-scan or retry-attachment-deletions",
     )
     enqueue.add_argument("--dry-run", action="store_true", help="report only, change nothing")
-    enqueue.add_argument("--wait", action="store_true", help="wait for the result")
+    enqueue.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the result (on a terminal, shows how far a long job is)",
+    )
     enqueue.add_argument(
         "--timeout", type=wait_seconds, default=600.0, help="seconds --wait waits (default 600)"
     )
@@ -476,6 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Print a job's state and result; exit 1 if the id is unknown or its result expired.",
     )
     status.add_argument("job_id", metavar="JOB_ID", help="the job_id that enqueue printed")
+    listing = add_command(
+        jobs,
+        "list",
+        "running, queued and recently finished jobs",
+        "Print the jobs running or queued now, then the newest finished ones (the worker"
+        " keeps results for an hour). Routine runs (delayed-message delivery ticks, queue"
+        " samples) are counted but not shown unless --all.",
+    )
+    listing.add_argument(
+        "--limit", type=list_limit, default=20, help="finished jobs to show, 1-1000 (default 20)"
+    )
+    listing.add_argument("--all", action="store_true", help="show routine runs too")
     audit = add_command(sub, "audit", "the audit trail").add_subparsers(
         dest="audit_command", required=True, metavar="SUBCOMMAND"
     )

@@ -69,6 +69,11 @@ def active_job_key(operator_job: str) -> str:
     return f"{KEY_PREFIX}jobs:active:{operator_job}"
 
 
+def job_progress_key(job_id: str) -> str:
+    """How far a long operator job is (a JSON object the job rewrites as it goes)."""
+    return f"{KEY_PREFIX}jobs:progress:{job_id}"
+
+
 def sse_ip_key(ip: str) -> str:
     """The SSE leases of one client address, across every server process: a sorted set
     of stream ids scored by when each lease runs out (server/sse/leases.py)."""

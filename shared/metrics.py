@@ -290,6 +290,12 @@ class Metrics:
         self.orphan_files = Counter(
             "herald_orphan_files", "Orphan files found by the scan", ["result"], registry=r
         )
+        self.observe_only = Counter(
+            "herald_observe_only",
+            "Refusals a protective rule would have made, let through (HERALD_OBSERVE_ONLY)",
+            ["rule"],
+            registry=r,
+        )
 
         # Delayed messages: this process's own counts, plus the queue figures every
         # process shares (refreshed from PostgreSQL/Redis by shared/services/queue_stats.py).

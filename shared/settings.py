@@ -200,6 +200,18 @@ def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Protective rules that HERALD_OBSERVE_ONLY can turn into "count and log, do not refuse".
+OBSERVABLE_RULES = ("sse_limits", "queue_caps", "orphan_deletion")
+
+
+def _rules(env: Mapping[str, str], name: str) -> frozenset[str]:
+    names = {part.strip().lower() for part in env.get(name, "").split(",") if part.strip()}
+    unknown = sorted(names - set(OBSERVABLE_RULES))
+    if unknown:
+        raise SettingsError(
+            f"{name}: unknown rule {unknown[0]!r}; known: {', '.join(OBSERVABLE_RULES)}"
+        )
+    return frozenset(names)
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -248,6 +260,7 @@ class Settings:
     worker_metrics_port: int = 9091
     header_timeout_s: float = 10.0
     auth_fail_limit: int = 20
+    observe_only: frozenset[str] = field(default_factory=frozenset)
     # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
     # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
     notify_socket: str | None = None
@@ -315,6 +328,7 @@ class Settings:
             worker_metrics_port=_port(e, "HERALD_WORKER_METRICS_PORT", 9091),
             header_timeout_s=_float(e, "HERALD_HEADER_TIMEOUT_S", 10.0, minimum=0.05),
             auth_fail_limit=_int(e, "HERALD_AUTH_FAIL_LIMIT", 20, minimum=1),
+            observe_only=_rules(e, "HERALD_OBSERVE_ONLY"),
             notify_socket=_notify_socket(process_env),
             watchdog_usec=_watchdog_usec(process_env),
         )

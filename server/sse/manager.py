@@ -33,6 +33,7 @@ from server.sse.stream import (
     new_stream_id,
 )
 from shared.bus import BusEvent, MemberAdded, MemberRemoved, MessagePosted, TokenRevoked
+from shared.enforcement import SSE_LIMITS, Enforcement
 from shared.errors import RetryLater
 from shared.metrics import Metrics, Tally
 from shared.services.channels import ChannelService
@@ -102,6 +103,7 @@ class StreamManager:
         self.by_channel: dict[int, set[Stream]] = {}
         self.by_ip: dict[str, set[Stream]] = {}
         self.by_user: dict[int, set[Stream]] = {}
+        self.enforcement = Enforcement(settings.observe_only, metrics)
         self.draining = False
         self.peak = 0
         self.stale_active = 0
@@ -196,14 +198,21 @@ class StreamManager:
         """Check the limits and register a new stream in one step (no await between),
         or raise RetryLater: 429 per IP or global, 503 while draining."""
         settings = self.settings
-        self._check_room()
+        # Coming from take_ip_slot (a stream id), the limits were checked there once:
+        # observe-only counts a would-be refusal per stream, not per check.
+        again = stream_id is not None
+        self._check_room(again=again)
         peers = self.by_ip.get(ip)
         if peers is not None and len(peers) >= settings.sse_max_per_ip:
             # A browser that reloads closes its old stream a moment before opening the
             # new one: drop the ones whose connection is already gone before refusing.
             for gone in [s for s in peers if s.is_gone()]:
                 self.gone(gone)
-            if len(peers) >= settings.sse_max_per_ip:
+            if len(peers) >= settings.sse_max_per_ip and self.enforcement.enforces(
+                SSE_LIMITS,
+                f"a stream over the per-address limit ({settings.sse_max_per_ip})",
+                again=again and self.leases is not None,
+            ):
                 self._reject("per_ip")
                 raise RetryLater(
                     f"too many streams from this address (limit {settings.sse_max_per_ip})",
@@ -253,7 +262,7 @@ class StreamManager:
     def _reject(self, kind: str) -> None:
         self.rejected.inc(kind)
 
-    def _check_room(self) -> None:
+    def _check_room(self, *, again: bool = False) -> None:
         """503 while draining, 429 ``server_busy`` when this process is full."""
         if self.draining:
             self._reject("draining")
@@ -263,7 +272,10 @@ class StreamManager:
                 status=503,
                 retry_after=random.randint(*RETRY_AFTER_DRAINING_S),
             )
-        if len(self.streams) >= self.settings.sse_max_connections:
+        limit = self.settings.sse_max_connections
+        if len(self.streams) >= limit and self.enforcement.enforces(
+            SSE_LIMITS, f"a stream over this process's limit ({limit})", again=again
+        ):
             self._reject("global")
             raise RetryLater(
                 "this server has no room for another stream",
@@ -278,7 +290,14 @@ class StreamManager:
         429 as the local per-IP limit."""
         self._check_room()  # the same order of answers as ``open``
         stream_id = new_stream_id()
-        if self.leases is not None and not await self.leases.take(ip, stream_id):
+        limit = self.settings.sse_max_per_ip
+        if (
+            self.leases is not None
+            and not await self.leases.take(ip, stream_id)
+            and self.enforcement.enforces(
+                SSE_LIMITS, f"a stream over the cluster's per-address limit ({limit})"
+            )
+        ):
             self._reject("per_ip")
             raise RetryLater(
                 f"too many streams from this address (limit {self.settings.sse_max_per_ip})",

@@ -17,6 +17,7 @@ from arq.connections import ArqRedis
 from shared.bus import EventBus
 from shared.cache import MetadataCache
 from shared.db.pool import Database
+from shared.enforcement import Enforcement
 from shared.metrics import Metrics
 from shared.services.attachments.deletions import FileDeletions
 from shared.services.attachments.orphans import OrphanScanner
@@ -64,14 +65,25 @@ class Services:
 
 
 def attachment_files(
-    *, db: Database, settings: Settings, metrics: Metrics, audit: AuditTrail
+    *,
+    db: Database,
+    settings: Settings,
+    metrics: Metrics,
+    audit: AuditTrail,
+    enforcement: Enforcement | None = None,
 ) -> AttachmentFiles:
     """One ``Storage`` over the upload directory, with the file deletions and the orphan
     scan that work on it (also on their own: an operator's scan, a test, the bench)."""
     storage = Storage(settings.upload_dir)
     deletions = FileDeletions(db=db, storage=storage, metrics=metrics)
     orphans = OrphanScanner(
-        db=db, settings=settings, metrics=metrics, storage=storage, files=deletions, audit=audit
+        db=db,
+        settings=settings,
+        metrics=metrics,
+        storage=storage,
+        files=deletions,
+        audit=audit,
+        enforcement=enforcement or Enforcement(settings.observe_only, metrics),
     )
     return AttachmentFiles(storage=storage, deletions=deletions, orphans=orphans)
 
@@ -89,7 +101,11 @@ def build_services(
     cache = MetadataCache(redis=redis, settings=settings, metrics=metrics)
     audit = AuditTrail(db=db)
     stats = QueueStats(db=db, redis=redis, settings=settings, metrics=metrics)
-    files = attachment_files(db=db, settings=settings, metrics=metrics, audit=audit)
+    # One per process: the observe-only log lines are throttled per rule across services.
+    enforcement = Enforcement(settings.observe_only, metrics)
+    files = attachment_files(
+        db=db, settings=settings, metrics=metrics, audit=audit, enforcement=enforcement
+    )
     return Services(
         cache=cache,
         audit=audit,
@@ -98,7 +114,7 @@ def build_services(
         messages=MessageService(db=db, bus=bus, metrics=metrics),
         queue_stats=stats,
         delayed=DelayedMessageService(
-            db=db, arq=arq, settings=settings, metrics=metrics, stats=stats
+            db=db, arq=arq, settings=settings, metrics=metrics, stats=stats, enforcement=enforcement
         ),
         delivery=DeliveryService(db=db, bus=bus, settings=settings, metrics=metrics),
         cleanup=CleanupService(

@@ -259,3 +259,63 @@ async def test_cron_route_and_two_servers_against_a_live_worker(
     assert first == second
     assert first["size"] == 6 and first["cleanup"]["runs"] == 1
     assert first["cleanup"]["last_deleted"] == 50 and first["samples"] >= 1
+
+
+async def test_jobs_list_against_a_live_worker(settings, workers, tmp_path):
+    workers()
+    done = await asyncio.to_thread(
+        herald_cli, settings, tmp_path, "jobs", "enqueue", "retry-attachment-deletions",
+        "--dry-run", "--wait", "--timeout", "30",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "progress:" not in done.stderr  # not a terminal: no progress line
+    job_id = done.stdout.split("job_id: ", 1)[1].split()[0]
+    listed = await asyncio.to_thread(herald_cli, settings, tmp_path, "jobs", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0] == "running or queued: 0" or lines[0].startswith("running or queued:")
+    finished = lines.index(next(line for line in lines if line.startswith("finished")))
+    assert any(job_id in line and line.split()[0] == "ok" for line in lines[finished + 1 :])
+    for bad in ("0", "1001", "-3", "abc", "1e3"):
+        refused = await asyncio.to_thread(
+            herald_cli, settings, tmp_path, "jobs", "list", "--limit", bad
+        )
+        assert refused.returncode == 2 and "--limit" in refused.stderr, bad
+        assert "Traceback" not in refused.stderr
+
+
+async def test_wait_on_a_terminal_shows_progress(settings, tmp_path, redis):
+    """No worker runs: the test writes the job's progress itself, as the orphan scan
+    would, and reads what the CLI draws on its (pseudo-)terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "herald", "jobs", "enqueue", "orphan-scan", "--wait",
+         "--timeout", "5"],
+        env=process_env(settings), cwd=tmp_path, stdout=subprocess.PIPE, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+
+        async def claimed() -> bytes | None:
+            return await redis.get("herald:jobs:active:orphan-scan")
+
+        await wait_for(claimed, 10, "the CLI's job")
+        job_id = (await redis.get("herald:jobs:active:orphan-scan")).decode()
+        await redis.set(f"herald:jobs:progress:{job_id}", '{"phase": "files", "scanned": 1234}')
+        seen = b""
+
+        def read_some() -> bytes:
+            return os.read(master, 4096)
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while b"scanned: 1234" not in seen:
+            assert asyncio.get_running_loop().time() < deadline, seen
+            seen += await asyncio.to_thread(read_some)
+        assert b"\r\x1b[Kprogress: phase: files, scanned: 1234" in seen  # redrawn in place
+    finally:
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=20)
+        os.close(master)
+    assert proc.returncode == 1  # no worker: --wait gave up after its timeout
+    assert b"status: queued" in out

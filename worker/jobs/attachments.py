@@ -15,6 +15,7 @@ from shared.constants import (
     JOB_RETRY_ATTACHMENT_DELETIONS,
 )
 from shared.services.attachments import deletions as file_deletions
+from shared.services.jobs import JobProgress
 from worker.context import herald
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,11 @@ async def retry_attachment_deletions(ctx: dict[str, Any], dry_run: bool = False)
 
 
 async def orphan_scan(ctx: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
-    """The orphan scan (daily cron and operators' job); ``dry_run`` only reports."""
-    return await herald(ctx).services.orphans.scan(dry_run=dry_run)
+    """The orphan scan (daily cron and operators' job); ``dry_run`` only reports.
+    Reports how far it is under the job's progress key (``herald jobs enqueue --wait``)."""
+    wctx = herald(ctx)
+    progress = JobProgress(wctx.arq, str(ctx["job_id"]))
+    return await wctx.services.orphans.scan(dry_run=dry_run, progress=progress)
 
 
 def attachment_functions() -> list[Function]:

@@ -8,7 +8,7 @@
 -- Not reversible by itself: the previous version reads users.token_hash, which is
 -- dropped here. Servers of the previous version answer 500 to authenticated requests
 -- once this is applied, so stop them, migrate, then start the new version. Rolling
--- back needs the SQL in docs/runbook.md ("Migrations": 0008), which gives each user
+-- back needs the SQL in docs/runbook.md ("Rolling back"), which gives each user
 -- back its oldest token still valid; tokens created since and revocations are lost
 -- to the old version.
 CREATE TABLE api_tokens (

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
 
 from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Tx
+from shared.enforcement import ORPHAN_DELETION, Enforcement
 from shared.metrics import Metrics
 from shared.services import audit
 from shared.services.attachments.deletions import FileDeletions
@@ -28,6 +30,14 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 LOOKUP_BATCH = 1000
+
+# Told how far a scan is after each batch and each phase (``herald jobs enqueue --wait``
+# shows it); it must be cheap, since it runs once per LOOKUP_BATCH files.
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def _no_progress(figures: dict[str, Any]) -> None:
+    return None
 
 
 @dataclass(slots=True)
@@ -74,16 +84,21 @@ class OrphanScanner:
         storage: Storage,
         files: FileDeletions,
         audit: AuditTrail,
+        enforcement: Enforcement,
     ) -> None:
         self.db = db
+        self.enforcement = enforcement
         self.settings = settings
         self.metrics = metrics
         self.storage = storage
         self.files = files
         self.audit = audit
 
-    async def scan(self, *, dry_run: bool = False) -> dict[str, Any]:
-        """One full scan; returns the summary also written to the audit trail."""
+    async def scan(
+        self, *, dry_run: bool = False, progress: Progress = _no_progress
+    ) -> dict[str, Any]:
+        """One full scan; returns the summary also written to the audit trail.
+        ``progress`` hears the figures so far after every batch of files."""
         # Held (session-level) for a whole scan, so a cron run and an operator run never
         # overlap.
         async with self.db.connection() as lock:
@@ -93,20 +108,26 @@ class OrphanScanner:
                 logger.info("orphan scan skipped: another scan is running")
                 return {"skipped": "another orphan scan is running"}
             try:
-                return await self._scan(dry_run)
+                return await self._scan(dry_run, progress)
             finally:
                 await lock.execute("SELECT pg_advisory_unlock(%s)", (AdvisoryLock.ORPHAN_SCAN,))
 
-    async def _scan(self, dry_run: bool) -> dict[str, Any]:
+    async def _scan(self, dry_run: bool, progress: Progress) -> dict[str, Any]:
         started = time.time()
         summary = ScanSummary(dry_run=dry_run)
         cutoff = started - self.settings.orphan_grace_s
+
+        async def report(phase: str) -> None:
+            await progress({"phase": phase, "scanned": summary.scanned, "orphans": summary.orphans})
+
         walker = self.storage.walk()
         try:
             while batch := await asyncio.to_thread(_take, walker, LOOKUP_BATCH):
                 await self._files_batch(batch, cutoff, summary)
+                await report("files")
         finally:
             walker.close()
+        await report("rows")
         await self._dangling_rows(started, summary)
         summary.stale_temp_files = await asyncio.to_thread(
             self.storage.remove_stale_temps,
@@ -161,11 +182,19 @@ class OrphanScanner:
             # Symlinks and other special files are reported, never followed or removed.
             s.special_files += 1
             entries.append(self._detected(f, audit.DENIED, {"kind": "not_a_regular_file"}))
-        if s.dry_run:
+        observed = (
+            not s.dry_run
+            and bool(regular)
+            and not self.enforcement.enforces(
+                ORPHAN_DELETION, f"removing {len(regular)} orphan files", count=len(regular)
+            )
+        )
+        if s.dry_run or observed:
+            extra = {"observe_only": True} if observed else {}
             for f in regular:
                 s.orphans += 1
                 s.orphan_bytes += f.size
-                entries.append(self._detected(f, audit.DRY_RUN, {}))
+                entries.append(self._detected(f, audit.DRY_RUN, extra))
             await self.audit.record(*entries)
             self.metrics.orphan_files.labels(result="dry_run").inc(len(regular))
             return

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from shared.constants import AdvisoryLock
 from shared.db.pool import Database, Row, Tx
+from shared.enforcement import QUEUE_CAPS, Enforcement
 from shared.errors import RetryLater
 from shared.metrics import Metrics
 from shared.services.delayed.queue_stats import QueueStats
@@ -57,9 +58,16 @@ class Admission:
     """Admits delayed messages in batches; ``admit`` answers the row or raises 429/503."""
 
     def __init__(
-        self, *, db: Database, settings: Settings, metrics: Metrics, stats: QueueStats
+        self,
+        *,
+        db: Database,
+        settings: Settings,
+        metrics: Metrics,
+        stats: QueueStats,
+        enforcement: Enforcement,
     ) -> None:
         self.db = db
+        self.enforcement = enforcement
         self.settings = settings
         self.metrics = metrics
         self.stats = stats
@@ -115,11 +123,16 @@ class Admission:
             )
             accepted: list[Request] = []
             rejected: list[tuple[Request, str]] = []
+            per_user, queue_max = self.settings.queue_max_per_user, self.settings.queue_max
+            enforces = self.enforcement.enforces
             for request in batch:
-                if mine.get(request.author_id, 0) >= self.settings.queue_max_per_user:
-                    rejected.append((request, "too_many_pending"))
-                elif total >= self.settings.queue_max:
-                    rejected.append((request, "queue_full"))
+                why = None
+                if mine.get(request.author_id, 0) >= per_user:
+                    why, cap = "too_many_pending", f"the per-user cap ({per_user})"
+                elif total >= queue_max:
+                    why, cap = "queue_full", f"the queue cap ({queue_max})"
+                if why is not None and enforces(QUEUE_CAPS, f"a delayed message over {cap}"):
+                    rejected.append((request, why))
                 else:
                     accepted.append(request)
                     mine[request.author_id] = mine.get(request.author_id, 0) + 1

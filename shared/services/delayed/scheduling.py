@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from shared.constants import JOB_DELIVER_DELAYED, QUEUE_NAME, delivery_job_id
 from shared.db.pool import Database, Row
+from shared.enforcement import Enforcement
 from shared.errors import Conflict, NotFound
 from shared.metrics import Metrics
 from shared.models import User, iso
@@ -72,13 +73,20 @@ class DelayedMessageService:
         settings: Settings,
         metrics: Metrics,
         stats: QueueStats,
+        enforcement: Enforcement | None = None,
     ) -> None:
         self.db = db
         self.arq = arq
         self.settings = settings
         self.metrics = metrics
         self.stats = stats
-        self.admission = Admission(db=db, settings=settings, metrics=metrics, stats=stats)
+        self.admission = Admission(
+            db=db,
+            settings=settings,
+            metrics=metrics,
+            stats=stats,
+            enforcement=enforcement or Enforcement(settings.observe_only, metrics),
+        )
         # Tick jobs this process queued lately: a burst due at one moment costs one
         # enqueue, not one per message (a lost job is still caught by the sweep).
         self.recent_ticks: OrderedDict[str, None] = OrderedDict()
