@@ -5,7 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from server import health, openapi
-from server.handlers import admin, attachments, channels, cron, delayed, events, meta
+from server.handlers import admin, attachments, channels, cron, delayed, events, meta, webapp
+from server.keys import SETTINGS
 from server.middlewares import OPENAPI_PATH
 from shared.constants import API_PREFIX as API
 
@@ -47,3 +48,5 @@ def setup_routes(app: web.Application) -> None:
     )
     r.add_delete(f"{API}/attachments/{{attachment_id}}", attachments.delete_attachment)
     r.add_get(f"{API}/admin/audit", admin.audit_log)
+    if app[SETTINGS].web_app:
+        webapp.setup_web_routes(app)
