@@ -21,6 +21,7 @@ const state = {
   loading: null, // {channelId, buffer} while the shown channel's messages are fetched
   readSent: new Map(), // channel id -> highest message id marked read
   readQueue: new Map(), // channel id -> id waiting to be sent
+  pendingCount: 0, // our delayed messages not yet delivered
 };
 
 function el(tag, className, text) {
@@ -148,7 +149,8 @@ function onMessage(msg) {
       renderChannels();
     }
   }
-  if (msg.author.id === state.me.id) pendingSoon(); // a delayed message of ours arrived?
+  // A message of ours while one is pending may be it, delivered: look again.
+  if (msg.author.id === state.me.id && state.pendingCount > 0) pendingSoon();
 }
 
 function onMembership(data) {
@@ -184,9 +186,16 @@ function onClose(data) {
 
 // -- channels ------------------------------------------------------------------------
 
+// Refreshes can overlap (an event, a reconnect, a user action): only the one started
+// last may apply what it read, or an older listing could overwrite a newer one.
+let channelsRun = 0;
+let pendingRun = 0;
+
 async function refreshChannels() {
   if (state.api === null) return;
+  const run = ++channelsRun;
   const items = await state.api.channels();
+  if (run !== channelsRun) return;
   const fresh = new Map();
   for (const info of items) {
     if (state.members !== null && !state.members.has(info.id)) continue;
@@ -367,7 +376,10 @@ let pendingTimer = null;
 
 async function refreshPending() {
   if (state.api === null) return;
+  const run = ++pendingRun;
   const items = await state.api.pending();
+  if (run !== pendingRun) return;
+  state.pendingCount = items.length;
   const rows = items.map((item) => {
     const channel = state.channels.get(item.channel_id);
     const where = channel ? `#${channel.info.name}` : `channel ${item.channel_id}`;
@@ -408,7 +420,7 @@ async function upload(event) {
   input.value = "";
   // Attachments are not part of a message: announce it with one others' clients can
   // read too, and which this client turns into a download button.
-  const note = `📎 ${attachment.filename} (attachment ${attachment.id})`;
+  const note = `Attached ${attachment.filename} (attachment ${attachment.id})`;
   const msg = await state.api.post(channelId, note);
   if (state.shown === channelId) {
     addMessages([msg]);
@@ -453,6 +465,7 @@ function main() {
   wire("post-form", postMessage);
   wire("delay-form", schedule);
   wire("upload-form", upload);
+  document.body.dataset.ready = "1"; // the forms are wired (tests wait for this)
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) signIn(saved).catch((err) => signOut(String(err.message || err)));
 }
