@@ -185,5 +185,5 @@ def init_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(on_shutdown)
-    setup_routes(app)
+    setup_routes(app, web_app=settings.web_app)
     return app
