@@ -130,6 +130,8 @@ function onReady(data) {
 function onMessage(msg) {
   const channelId = msg.channel_id;
   if (channelId === state.shown) {
+    const channel = state.channels.get(channelId);
+    if (channel !== undefined) channel.lastId = Math.max(channel.lastId, msg.id);
     if (state.loading && state.loading.channelId === channelId) {
       state.loading.buffer.push(msg);
     } else {

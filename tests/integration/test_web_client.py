@@ -177,6 +177,7 @@ async def test_web_client_in_chromium(database_url, db, tmp_path):
                 await bob_posts(b, text)
             await wait_for(lambda: _unread(page, "random", 2), 2, "unread count 2")
             assert (await page.channels())["general"] == 0
+            assert await page.shown() == [(first, "hello alice")]  # not into the shown one
             # ...and drops when it is opened.
             await page.open(b)
             await wait_for(lambda: _unread(page, "random", 0), 2, "unread count cleared")
