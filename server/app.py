@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from server.handlers.webapp import web_app_ctx
 from server.http_metrics import http_metrics_middleware, route_template
 from server.keys import (
     ARQ,
@@ -186,8 +187,10 @@ def init_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app[DRAINING] = [False]
     app[STREAMS] = StreamManager(settings, app[METRICS])
     app.cleanup_ctx.extend([database_ctx, redis_ctx, arq_ctx, services_ctx, delayed_ctx, hub_ctx])
+    if settings.web_app:
+        app.cleanup_ctx.append(web_app_ctx)
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(on_shutdown)
-    setup_routes(app)
+    setup_routes(app, web_app=settings.web_app)
     return app

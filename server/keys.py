@@ -8,6 +8,7 @@ from arq.connections import ArqRedis
 
 from server.sse.hub import Hub
 from server.sse.manager import StreamManager
+from server.webfiles import WebFile
 from shared.bus import EventBus
 from shared.cache import MetadataCache
 from shared.db.pool import Database
@@ -42,3 +43,4 @@ AUTH_LIMIT = web.AppKey("auth_limit", AuthFailureLimiter)
 HUB = web.AppKey("hub", Hub)
 STREAMS = web.AppKey("streams", StreamManager)
 DRAINING = web.AppKey("draining", list)  # [bool]: set once shutdown begins
+WEB_FILES = web.AppKey("web_files", dict[str, WebFile])  # the web client, HERALD_WEB_APP

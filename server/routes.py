@@ -5,12 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from server import health, openapi
-from server.handlers import admin, attachments, channels, cron, delayed, events, meta
+from server.handlers import admin, attachments, channels, cron, delayed, events, meta, webapp
 from server.middlewares import OPENAPI_PATH
 from shared.constants import API_PREFIX as API
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, *, web_app: bool = False) -> None:
+    """Every route; ``web_app`` (HERALD_WEB_APP) adds the web client's under /app/."""
     r = app.router
     r.add_get("/health", health.health)
     r.add_get("/metrics", meta.metrics)
@@ -47,3 +48,5 @@ def setup_routes(app: web.Application) -> None:
     )
     r.add_delete(f"{API}/attachments/{{attachment_id}}", attachments.delete_attachment)
     r.add_get(f"{API}/admin/audit", admin.audit_log)
+    if web_app:
+        webapp.setup_web_routes(app)

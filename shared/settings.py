@@ -198,6 +198,21 @@ def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(origins)
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{name}: expected 1/0 (or true/false, yes/no, on/off), got {raw!r}")
+
+
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Protective rules that HERALD_OBSERVE_ONLY can turn into "count and log, do not refuse".
@@ -261,6 +276,7 @@ class Settings:
     header_timeout_s: float = 10.0
     auth_fail_limit: int = 20
     observe_only: frozenset[str] = field(default_factory=frozenset)
+    web_app: bool = False
     # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
     # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
     notify_socket: str | None = None
@@ -329,6 +345,7 @@ class Settings:
             header_timeout_s=_float(e, "HERALD_HEADER_TIMEOUT_S", 10.0, minimum=0.05),
             auth_fail_limit=_int(e, "HERALD_AUTH_FAIL_LIMIT", 20, minimum=1),
             observe_only=_rules(e, "HERALD_OBSERVE_ONLY"),
+            web_app=_bool(e, "HERALD_WEB_APP", False),
             notify_socket=_notify_socket(process_env),
             watchdog_usec=_watchdog_usec(process_env),
         )

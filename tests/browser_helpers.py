@@ -3,10 +3,12 @@ client), for the browser tests: start it on a page, evaluate JavaScript in it.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +37,81 @@ def free_port() -> int:
 
 
 class DevTools:
+    """One page's DevTools session: commands answered by id; events (``method`` without
+    an ``id``) collected in ``events`` for the test to read. A JavaScript dialog is
+    recorded and dismissed at once, so it cannot block the page."""
+
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
         self.next_id = 0
+        self.events: list[dict[str, Any]] = []
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
 
-    async def evaluate(self, expression: str) -> Any:
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def _read(self) -> None:
+        async for frame in self.ws:
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                continue
+            msg = json.loads(frame.data)
+            waiting = self._waiting.pop(msg.get("id", -1), None)
+            if waiting is not None:
+                if not waiting.done():
+                    waiting.set_result(msg)
+                continue
+            self.events.append(msg)
+            if msg.get("method") == "Page.javascriptDialogOpening":
+                self.next_id += 1
+                await self.ws.send_json(
+                    {
+                        "id": self.next_id,
+                        "method": "Page.handleJavaScriptDialog",
+                        "params": {"accept": False},
+                    }
+                )
+
+    async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run one DevTools command; its ``result`` (an ``error`` answer raises)."""
         self.next_id += 1
-        await self.ws.send_json(
-            {
-                "id": self.next_id,
-                "method": "Runtime.evaluate",
-                "params": {"expression": expression, "returnByValue": True},
-            }
+        waiting: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[self.next_id] = waiting
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params or {}})
+        async with asyncio.timeout(10):
+            msg = await waiting
+        if "error" in msg:
+            raise RuntimeError(f"{method}: {msg['error']}")
+        result: dict[str, Any] = msg["result"]
+        return result
+
+    async def evaluate(self, expression: str, *, by_value: bool = True) -> Any:
+        """The expression's value (awaited if it is a promise); an exception raises."""
+        result = await self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": by_value, "awaitPromise": True},
         )
-        while True:
-            msg = await self.ws.receive_json(timeout=10)
-            if msg.get("id") == self.next_id:
-                return msg["result"]["result"].get("value")
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression!r}: {result['exceptionDetails']}")
+        if not by_value:
+            return result["result"]
+        return result["result"].get("value")
+
+    def of(self, method: str) -> list[dict[str, Any]]:
+        """The ``params`` of every ``method`` event received so far."""
+        return [e.get("params", {}) for e in self.events if e.get("method") == method]
 
 
 @asynccontextmanager
-async def chromium(url: str, profile: Path) -> AsyncIterator[DevTools]:
+async def chromium(
+    url: str, profile: Path, *, window: tuple[int, int] = (1024, 640)
+) -> AsyncIterator[DevTools]:
     proc = subprocess.Popen(
         [
             str(CHROMIUM),
@@ -67,6 +123,7 @@ async def chromium(url: str, profile: Path) -> AsyncIterator[DevTools]:
             "--no-first-run",
             "--disable-sync",
             "--disable-quic",
+            f"--window-size={window[0]},{window[1]}",
             f"--user-data-dir={profile}",
             "--remote-debugging-port=0",
             url,
@@ -89,7 +146,12 @@ async def chromium(url: str, profile: Path) -> AsyncIterator[DevTools]:
 
             await wait_for(page_target, 30, "the page target")
             async with session.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                yield DevTools(ws)
+                devtools = DevTools(ws)
+                devtools.start()
+                try:
+                    yield devtools
+                finally:
+                    await devtools.stop()
     finally:
         proc.terminate()
         try:

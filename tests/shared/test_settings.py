@@ -37,6 +37,7 @@ DEFAULTS = {
     "log_format": "text",
     "log_level": "info",
     "worker_metrics_port": 9091,
+    "web_app": False,
 }
 
 # Every contract variable with a good non-default value and the field it lands in.
@@ -75,6 +76,9 @@ GOOD = [
     ("HERALD_LOG_LEVEL", "error", "log_level", "error"),
     ("HERALD_WORKER_METRICS_PORT", "0", "worker_metrics_port", 0),
     ("HERALD_WORKER_METRICS_PORT", "19091", "worker_metrics_port", 19091),
+    ("HERALD_WEB_APP", "1", "web_app", True),
+    ("HERALD_WEB_APP", " True ", "web_app", True),
+    ("HERALD_WEB_APP", "off", "web_app", False),
 ]
 
 BAD = [
@@ -142,6 +146,8 @@ BAD = [
     ("HERALD_CORS_ORIGINS", "null"),
     ("HERALD_CORS_ORIGINS", "*"),
     ("HERALD_UPLOAD_DIR", "/tmp/a\x00b"),
+    ("HERALD_WEB_APP", "maybe"),
+    ("HERALD_WEB_APP", "2"),
 ]
 
 
