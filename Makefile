@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench install clean
+.PHONY: run test lint typecheck unit bench bench-peers install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	@# As modules (python -m bench.NAME): run as a script, bench/queue.py would shadow the
 	@# standard library's `queue` for everything imported after it.
 	@for b in sse queue attachments queries; do echo "== bench/$$b.py"; $(BIN)/python -m bench.$$b || exit 1; done
+	@echo "== bench/peers.py"; $(BIN)/python -m bench.peers $(PEERS_ARGS)
+
+# Herald against Nchan and stock aiohttp-sse only: make bench-peers PEERS_ARGS=--quick
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.peers $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage
