@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -226,6 +227,40 @@ class HeraldServeTarget(HeraldTarget):
         self.proc = subprocess.Popen([sys.executable, "-m", "herald", "serve"], env=env, cwd=ROOT)
 
 
+def py_spy_start(target: Target, out: str | None) -> subprocess.Popen[bytes] | None:
+    """py-spy (pip install py-spy) sampling the server while publishers run flat out."""
+    if not out:
+        return None
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    spy = subprocess.Popen(
+        [exe, "record", "-p", str(target.pid), "-f", "raw", "-o", out, "-r", "200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # attached before the first post
+    return spy
+
+
+def py_spy_stop(spy: subprocess.Popen[bytes] | None, out: str | None) -> None:
+    """Stop sampling; print the frames with the most samples on top of the stack."""
+    if spy is None or not out:
+        return
+    spy.send_signal(signal.SIGINT)
+    spy.wait(30)
+    own: dict[str, int] = {}
+    total = 0
+    for line in Path(out).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        total += int(count)
+    print(f"   py-spy, {total} samples (stacks in {out}); top frames by own samples:")
+    for leaf, count in sorted(own.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"   {count / total * 100:5.1f}%  {leaf}")
+
+
 def ready_marker(target: Target) -> str:
     return getattr(target, "ready", "event: ready")
 
@@ -297,22 +332,34 @@ async def herald_channels(session: Any, target: HeraldTarget, k: int) -> list[in
 
 async def fanout(target: Target, pair: Pair, session: Any, n: int, rounds: int) -> dict[str, float]:
     """Post one marked message at a time; post → first and → last of ``n`` streams."""
-    last, first = [], []
+    last, first, answered = [], [], []
     for _ in range(rounds):
         seq = target.seq
         target.seq += 1
         t0 = time.monotonic()
         await target.post(session, seq)
+        answered.append((time.monotonic() - t0) * 1000)
         got = (await pair.wait([seq], n, timeout=30))[seq]
         assert got["n"] >= n, (target.name, got, n)
         last.append((got["last"] - t0) * 1000)
         first.append((got["first"] - t0) * 1000)
         await asyncio.sleep(0.05)
-    return {"last_p50": pct(last, 0.5), "last_p99": pct(last, 0.99), "first_p50": pct(first, 0.5)}
+    return {
+        "last_p50": pct(last, 0.5),
+        "last_p99": pct(last, 0.99),
+        "first_p50": pct(first, 0.5),
+        "post_p50": pct(answered, 0.5),
+    }
 
 
 async def flat_out(
-    target: Target, pair: Pair, session: Any, n: int, messages: int, publishers: int
+    target: Target,
+    pair: Pair,
+    session: Any,
+    n: int,
+    messages: int,
+    publishers: int,
+    profile: str | None = None,
 ) -> dict[str, float]:
     """``publishers`` posting back to back, ``messages`` in all, to ``n`` streams: deliveries
     per second (first post → last delivery), server and client CPU over that time."""
@@ -324,12 +371,14 @@ async def flat_out(
         while todo:
             await target.post(session, todo.pop())
 
+    spy = py_spy_start(target, profile)
     cpu0, ccpu0 = tree_cpu_s(target.pid), [cpu_s(p) for p in pair.pids]
     t0 = time.monotonic()
     await asyncio.gather(*(publisher() for _ in range(publishers)))
     got = await pair.wait(seqs, n, timeout=120)
     end = max(g["last"] for g in got.values())
     cpu1, ccpu1 = tree_cpu_s(target.pid), [cpu_s(p) for p in pair.pids]
+    py_spy_stop(spy, profile)
     delivered = sum(g["n"] for g in got.values())
     assert delivered >= n * messages, (target.name, delivered, n * messages)
     elapsed = end - t0
@@ -368,7 +417,10 @@ async def measure_peer(target: Target, pair: Pair, args: argparse.Namespace) -> 
             if n == 1000:
                 f = await fanout(target, pair, session, n, args.rounds)
                 res.update({f"f1000_{k}": v for k, v in f.items()})
-                res.update(await flat_out(target, pair, session, n, args.messages, args.publishers))
+                spy = args.py_spy if isinstance(target, HeraldTarget) else None
+                res.update(
+                    await flat_out(target, pair, session, n, args.messages, args.publishers, spy)
+                )
             elif n == max(args.sizes):
                 f = await fanout(target, pair, session, n, max(5, args.rounds // 3))
                 res.update({f"f{n}_{k}": v for k, v in f.items()})
@@ -442,6 +494,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("fan-out to {max}: post -> last, p50 ms", "f{max}_last_p50", "{:.1f}", "<= 1.0x"),
     ("fan-out to {max}: post -> last, p99 ms", "f{max}_last_p99", "{:.1f}", "<= 1.0x"),
     ("post -> first subscriber, p50 ms", "f1000_first_p50", "{:.2f}", "<= 5 ms"),
+    ("  the post's own answer, p50 ms", "f1000_post_p50", "{:.2f}", ""),
     ("server CPU per delivery, us (1000 subs)", "cpu_us_per_delivery", "{:.1f}", "<= 1.2x"),
     ("deliveries/s (1000 subs, flat out)", "deliveries_per_s", "{:,.0f}", ">= 0.9x"),
     ("  busiest client process CPU % meanwhile", "client_cpu_pct", "{:.0f}", ""),
@@ -577,6 +630,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="also herald serve with N")
     parser.add_argument("--peers", default="nchan,stock,herald")
     parser.add_argument("--no-install", action="store_true", help="never apt-get nginx")
+    parser.add_argument("--py-spy", metavar="FILE", help="profile Herald's flat-out run")
     args = parser.parse_args()
     args.sizes = sorted({int(s) for s in args.sizes.split(",")} | {1000})
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
