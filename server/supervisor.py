@@ -241,6 +241,7 @@ class Supervisor:
             failed = asyncio.create_task(self.failed.wait())
             await asyncio.wait([ready, failed], return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
+            failed.cancel()
             if self.all_ready.is_set() and not self.stopping:
                 where = f"http://{self.settings.host}:{self.port}"
                 logger.info("Herald serving on %s with %d processes", where, self.count)
