@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench load install clean
+.PHONY: run test lint typecheck unit bench bench-peers load install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	@# As modules (python -m bench.NAME): run as a script, bench/queue.py would shadow the
 	@# standard library's `queue` for everything imported after it.
 	@for b in sse queue attachments queries; do echo "== bench/$$b.py"; $(BIN)/python -m bench.$$b || exit 1; done
+	@echo "== bench/peers.py"; $(BIN)/python -m bench.peers $(PEERS_ARGS)
+
+# Herald against Nchan and stock aiohttp-sse only: make bench-peers PEERS_ARGS=--quick
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.peers $(PEERS_ARGS)
 
 # Not in CI (about 25 minutes): the four load runs, then the 15-minute soak (2 servers,
 # 2 workers, a Redis and a PostgreSQL restart). Each prints its figures; any failed

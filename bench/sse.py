@@ -6,8 +6,8 @@
 
 Three processes: this driver; one server (``herald`` = server.runner.run, the same code
 ``herald serve`` runs, or ``stock`` = a queue and an aiohttp-sse ping task per
-connection, no manager); one client process holding every connection, spread over
-127.0.1.1-127.0.1.200. Figures are printed, never asserted.
+connection, no manager: bench/stock_sse.py); one client process holding every connection,
+spread over 127.0.1.1-127.0.1.200. Figures are printed, never asserted.
 
 Needs PostgreSQL and Redis (HERALD_BENCH_PG, default postgres@127.0.0.1:5432;
 HERALD_BENCH_REDIS, default redis://127.0.0.1:6379/11). A throwaway database is
@@ -64,46 +64,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# -- the stock pattern: a queue and a ping task per connection, no manager ----------------
-
-
-def stock_server(port: int) -> None:
-    from aiohttp import web
-    from aiohttp_sse import sse_response
-
-    subscribers: set[asyncio.Queue[str]] = set()
-
-    async def events(request: web.Request) -> web.StreamResponse:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        subscribers.add(queue)
-        try:
-            async with sse_response(request, ping_interval=15) as resp:
-                await resp.send("{}", event="ready")
-                while resp.is_connected():
-                    data = await queue.get()
-                    await resp.send(data, event="message")
-        except ConnectionError:
-            pass
-        finally:
-            subscribers.discard(queue)
-        return resp
-
-    async def publish(request: web.Request) -> web.Response:
-        data = await request.text()
-        for queue in subscribers:
-            queue.put_nowait(data)
-        return web.Response(text="ok")
-
-    async def count(_request: web.Request) -> web.Response:
-        return web.json_response({"active": len(subscribers)})
-
-    app = web.Application()
-    app.router.add_get("/events", events)
-    app.router.add_post("/publish", publish)
-    app.router.add_get("/count", count)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
 def herald_server(gc_tune: bool) -> None:
     import logging
 
@@ -113,7 +73,8 @@ def herald_server(gc_tune: bool) -> None:
     logging.basicConfig(level=logging.WARNING)
     if not gc_tune:
         runner.tune_gc = lambda: None
-    asyncio.run(runner.run(Settings.from_env(dotenv=None)))
+    # serve(): the event loop `herald serve` uses (uvloop unless HERALD_UVLOOP=0).
+    runner.serve(Settings.from_env(dotenv=None))
 
 
 # -- the client process ---------------------------------------------------------------------
@@ -124,7 +85,7 @@ class Conn(asyncio.Protocol):
         self.client = client
         self.ready = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
-        self.last = -1
+        self.seen: set[int] = set()
         self.tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,15 +95,16 @@ class Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
         if not self.ready.done():
-            if b"event: ready" in data:
+            if self.client.ready_marker in data:
                 self.ready.set_result(None)
             elif data.startswith(b"HTTP/1.1 4") or data.startswith(b"HTTP/1.1 5"):
                 self.ready.set_exception(RuntimeError(data[:12].decode()))
         if b"mk:" in data:
             for m in MARK.finditer(self.tail + data):
                 seq = int(m.group(1))
-                if seq > self.last:
-                    self.last = seq
+                # A set, not the highest seen: concurrent posts can commit out of order.
+                if seq not in self.seen:
+                    self.seen.add(seq)
                     self.client.times.setdefault(seq, []).append(now)
         self.tail = data[-16:]
 
@@ -156,6 +118,9 @@ class Clients:
         self.conns: list[Conn] = []
         self.times: dict[int, list[float]] = {}
         self.opened = 0
+        # What says a stream is subscribed: Herald's and the stock server's first event;
+        # Nchan (bench/peers.py) subscribes before it sends its response head.
+        self.ready_marker = b"event: ready"
 
     async def open_one(self, host: str, port: int, request: bytes, ip: str) -> Conn:
         loop = asyncio.get_running_loop()
@@ -224,6 +189,7 @@ async def client_main() -> None:
     while line := await reader.readline():
         cmd = json.loads(line)
         if cmd["cmd"] == "open":
+            clients.ready_marker = cmd.get("ready", "event: ready").encode()
             out = await clients.open(cmd["n"], cmd["host"], cmd["port"], cmd["request"])
         elif cmd["cmd"] == "wait":
             out = await clients.wait(cmd["seqs"], cmd["count"], cmd["timeout"])
@@ -416,7 +382,8 @@ class StockTarget(Target):
     probe = "/count"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "_stock_server", str(self.port)])
+        script = str(Path(__file__).with_name("stock_sse.py"))
+        self.proc = subprocess.Popen([sys.executable, script, str(self.port)])
 
     def request(self) -> str:
         return "GET /events HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -823,9 +790,6 @@ async def driver(args: argparse.Namespace) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_clients":
         asyncio.run(client_main())
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "_stock_server":
-        stock_server(int(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_herald_server":
         herald_server(gc_tune="--no-gc" not in sys.argv)

@@ -13,8 +13,12 @@ from shared.settings import Settings
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import dataclasses
+
     from server.runner import serve_command
 
+    if args.processes is not None:
+        settings = dataclasses.replace(settings, processes=args.processes)
     return serve_command(settings)
 
 
@@ -374,6 +378,17 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
 }
 
 
+def process_count(raw: str) -> int:
+    """argparse type for --processes: 0-256, or ``auto`` (0: one per CPU core)."""
+    from shared.settings import MAX_PROCESSES
+
+    if raw.strip().lower() == "auto":
+        return 0
+    if not raw.strip().isdigit() or int(raw) > MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"expected 0-{MAX_PROCESSES} or auto, got {raw!r}")
+    return int(raw)
+
+
 def wait_seconds(raw: str) -> float:
     """A finite number of seconds, 0-86400 (argparse turns the error into exit 2)."""
     try:
@@ -414,12 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the version and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_command(
+    serve = add_command(
         sub,
         "serve",
         "run the HTTP/SSE server",
         "Run the HTTP API and event streams on HERALD_HOST:HERALD_PORT until SIGTERM or"
         " SIGINT, then drain open streams for up to HERALD_SHUTDOWN_TIMEOUT_S and exit 0.",
+    )
+    serve.add_argument(
+        "--processes",
+        type=process_count,
+        default=None,
+        metavar="N",
+        help="server processes sharing the port (SO_REUSEPORT); 0 or auto: one per CPU"
+        " core (default: HERALD_PROCESSES, else 1)",
     )
     worker = add_command(
         sub,

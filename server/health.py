@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ from aiohttp import web
 
 from server.keys import ATTACHMENTS, CACHE, DB, DRAINING, QUEUE_STATS, REDIS, SETTINGS, STREAMS
 from shared.constants import WORKER_HEALTH_KEY
+from shared.eventloop import loop_name
 
 logger = logging.getLogger(__name__)
 
@@ -129,5 +131,12 @@ async def health(request: web.Request) -> web.Response:
         status = "degraded"
     else:
         status = "ok"
+    # Which process answered: with `herald serve --processes N` each answer (and each
+    # figure in it) is one process's; pid and index tell them apart.
+    body["process"] = {
+        "pid": os.getpid(),
+        "index": app[SETTINGS].process_index,
+        "loop": loop_name(),
+    }
     body = {"status": status, "draining": draining, **body}
     return web.json_response(body, status=503 if status == "down" else 200)

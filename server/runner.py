@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import re
 import signal
 import time
@@ -27,8 +28,10 @@ from aiohttp.web_server import Server
 from server.app import begin_draining, init_app
 from server.clientip import IPNetwork, resolve
 from server.keys import SETTINGS, STREAMS
-from server.protocol import HeraldWebServer, install_accept_error_handler
+from server.protocol import DescriptorProbe, HeraldWebServer, install_accept_error_handler
 from shared.entry import configure_logging, describe, fail, run_command
+from shared.eventloop import loop_name
+from shared.eventloop import run as run_on_loop
 from shared.sdnotify import Notifier
 from shared.settings import Settings
 
@@ -134,6 +137,9 @@ class HeraldServer:
                 self.settings.host if host is None else host,
                 self.settings.port if port is None else port,
                 reuse_address=True,
+                # A supervised process shares its port with its siblings: the kernel
+                # spreads new connections over them (server/supervisor.py).
+                reuse_port=self.settings.process_index is not None,
             )
             await site.start()
         except BaseException:
@@ -141,7 +147,13 @@ class HeraldServer:
             raise
         for address in self.runner.addresses:
             self.port = int(address[1])
-            logger.info("Herald listening on http://%s:%d", address[0], address[1])
+            logger.info(
+                "Herald listening on http://%s:%d (pid %d, %s loop)",
+                address[0],
+                address[1],
+                os.getpid(),
+                loop_name(),
+            )
 
     async def stop(self) -> None:
         """The drain described above; returns when everything is closed."""
@@ -167,6 +179,7 @@ def tune_gc() -> None:
 async def run(settings: Settings) -> None:
     notifier = Notifier.from_settings(settings)
     install_accept_error_handler(asyncio.get_running_loop())
+    probe = DescriptorProbe.start_for(asyncio.get_running_loop())
     server = HeraldServer(settings)
     await server.start()
     tune_gc()
@@ -194,19 +207,27 @@ async def run(settings: Settings) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if probe is not None:
+            probe.stop()
         await notifier.close()
     logger.info("Herald stopped")
 
 
 def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and return (the process exits 0)."""
-    asyncio.run(run(settings))
+    """Serve until SIGTERM/SIGINT, then drain and return (the process exits 0); on uvloop
+    unless HERALD_UVLOOP=0 (shared/eventloop.py)."""
+    run_on_loop(run(settings), settings)
 
 
 def serve_command(settings: Settings) -> int:
-    """``herald serve``: exit 0 after the drain; 1 with one line if it cannot listen."""
+    """``herald serve``: exit 0 after the drain; 1 with one line if it cannot listen.
+    With HERALD_PROCESSES above 1, a supervisor of that many server processes."""
     configure_logging(settings)
     try:
+        if settings.process_count > 1 and settings.process_index is None:
+            from server.supervisor import Supervisor
+
+            return run_on_loop(Supervisor(settings).run(), settings)
         serve(settings)
     except OSError as exc:  # bind failed: address in use, not local, name unknown
         reason = exc.strerror or describe(exc)

@@ -26,6 +26,11 @@ class AdvisoryLock:
     UPLOAD_KEY = 0x4154  # "AT": an upload's storage key from INSERT to COMMIT
 
 
+def channel_post_lock(channel_id: int) -> tuple[int, int]:
+    """The two keys of a channel's posting lock (``pg_advisory_xact_lock(int, int)``)."""
+    return AdvisoryLock.CHANNEL_POST, channel_id % 2_147_483_647
+
+
 # arq job function names (the worker registers functions under exactly these names).
 JOB_CLEANUP_DELAYED = "cleanup_delayed_messages"
 JOB_DELIVER_DELAYED = "deliver_delayed_message"

@@ -213,6 +213,45 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}: expected 1/0 (or true/false, yes/no, on/off), got {raw!r}")
 
 
+def _processes(env: Mapping[str, str]) -> int:
+    """HERALD_PROCESSES: server processes; ``auto`` or 0 is one per CPU core."""
+    raw = env.get("HERALD_PROCESSES", "").strip().lower()
+    if raw == "auto":
+        return 0
+    value = _int(env, "HERALD_PROCESSES", 1, minimum=0)
+    if value > MAX_PROCESSES:
+        raise SettingsError(f"HERALD_PROCESSES: at most {MAX_PROCESSES}, got {value}")
+    return value
+
+
+def _process_index(env: Mapping[str, str]) -> int | None:
+    raw = env.get("HERALD_PROCESS_INDEX", "").strip()
+    return _int(env, "HERALD_PROCESS_INDEX", 0) if raw else None
+
+
+MAX_PROCESSES = 256
+# What the service manager gave the supervisor is not for its children.
+SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "HERALD_PROCESSES")
+
+
+def supervised_child_env(
+    *, index: int, port: int, notify_socket: str, watchdog_usec: int | None
+) -> dict[str, str]:
+    """The environment of server process ``index`` under `herald serve --processes`
+    (server/supervisor.py): this one's, pinned to one process on the supervisor's port,
+    reporting to the supervisor instead of systemd."""
+    env = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY}
+    env.update(
+        HERALD_PROCESSES="1",
+        HERALD_PROCESS_INDEX=str(index),
+        HERALD_PORT=str(port),
+        NOTIFY_SOCKET=notify_socket,
+    )
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+    return env
+
+
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Protective rules that HERALD_OBSERVE_ONLY can turn into "count and log, do not refuse".
@@ -277,6 +316,12 @@ class Settings:
     auth_fail_limit: int = 20
     observe_only: frozenset[str] = field(default_factory=frozenset)
     web_app: bool = False
+    uvloop: bool = True
+    # Server processes `herald serve` runs (0: one per CPU core); see server/supervisor.py.
+    processes: int = 1
+    # Set by the supervisor in each server process it starts (0, 1, ...), not
+    # configuration: that process binds with SO_REUSEPORT beside its siblings.
+    process_index: int | None = None
     # systemd's notify protocol (see shared/sdnotify.py): set by the service manager for
     # a Type=notify unit, not configuration. None = not under systemd, nothing is sent.
     notify_socket: str | None = None
@@ -346,9 +391,17 @@ class Settings:
             auth_fail_limit=_int(e, "HERALD_AUTH_FAIL_LIMIT", 20, minimum=1),
             observe_only=_rules(e, "HERALD_OBSERVE_ONLY"),
             web_app=_bool(e, "HERALD_WEB_APP", False),
+            uvloop=_bool(e, "HERALD_UVLOOP", True),
+            processes=_processes(e),
+            process_index=_process_index(process_env),
             notify_socket=_notify_socket(process_env),
             watchdog_usec=_watchdog_usec(process_env),
         )
+
+    @property
+    def process_count(self) -> int:
+        """``processes`` with 0 (auto) resolved to the CPU cores this process may use."""
+        return self.processes or len(os.sched_getaffinity(0)) or 1
 
     @property
     def redis_db(self) -> int:

@@ -16,6 +16,7 @@ from arq.worker import Function
 from shared.bus import arq_settings, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
 from shared.entry import configure_logging, run_command
+from shared.eventloop import run as run_on_loop
 from shared.metrics import Metrics
 from shared.sdnotify import Notifier
 from shared.settings import Settings
@@ -148,7 +149,7 @@ def worker_command(settings: Settings, *, check: bool = False) -> int:
         print("worker: healthy" if ok else "worker: no fresh health-check key")
         return 0 if ok else 1
     configure_logging(settings)
-    asyncio.run(run_worker(settings))
+    run_on_loop(run_worker(settings), settings)
     return 0
 
 

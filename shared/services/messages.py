@@ -10,7 +10,7 @@ from typing import Any
 import psycopg2.errors
 
 from shared.bus import EventBus
-from shared.constants import AdvisoryLock
+from shared.constants import AdvisoryLock, channel_post_lock
 from shared.db.pool import Database, Row, Tx
 from shared.errors import Forbidden, NotFound
 from shared.metrics import Metrics
@@ -43,15 +43,16 @@ def posted(row: Row) -> Posted:
     return Posted(message_json(row), row["prev_id"])
 
 
-async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> Posted:
-    """Store a message in the caller's transaction (also used by delayed delivery)."""
+async def insert_message(
+    tx: Tx, channel_id: int, author_id: int, body: str, *, locked: bool = False
+) -> Posted:
+    """Store a message in the caller's transaction (also used by delayed delivery);
+    ``locked``: this transaction already holds the channel's posting lock."""
     # Posts into one channel are serialised until COMMIT, so ids commit in id order. Without
     # it, a client replaying "everything after id N" between two concurrent commits could
     # see N+2 committed, move past it, and never get N+1 (a gap in Last-Event-ID replay).
-    await tx.execute(
-        "SELECT pg_advisory_xact_lock(%s, %s)",
-        (AdvisoryLock.CHANNEL_POST, channel_id % 2_147_483_647),
-    )
+    if not locked:
+        await tx.execute("SELECT pg_advisory_xact_lock(%s, %s)", channel_post_lock(channel_id))
     try:
         row = await tx.fetchrow(
             # prev_id is read under the lock, so it is the channel's newest committed id.
@@ -67,7 +68,11 @@ async def insert_message(tx: Tx, channel_id: int, author_id: int, body: str) -> 
         # in between): the same answer as if the delete had come first.
         raise NotFound("channel not found", code="channel_not_found") from None
     assert row is not None
-    # The author has read what they wrote.
+    # The author has read what they wrote. Its own statement, after the INSERT: folded
+    # into the INSERT as a CTE it would lock the membership row before the foreign-key
+    # check (run at the statement's end) waits on a concurrent channel DELETE's row
+    # lock, while that DELETE's cascade waits on the membership row: a deadlock
+    # (test_posting_while_the_channel_is_deleted).
     await tx.execute(
         "UPDATE channel_members SET last_read_message_id = %s"
         " WHERE channel_id = %s AND user_id = %s AND last_read_message_id < %s",
@@ -139,8 +144,8 @@ class MessageService:
     async def post(self, user: User, channel_id: int, body: str) -> MessageJson:
         """Store the message, commit, then publish it to every server process."""
         async with self.db.transaction() as tx:
-            await visible_channel(tx, user, channel_id)
-            stored = await insert_message(tx, channel_id, user.id, body)
+            await visible_channel(tx, user, channel_id, post_lock=True)
+            stored = await insert_message(tx, channel_id, user.id, body, locked=True)
         self.metrics.messages_posted.labels("rest").inc()
         await self.bus.message_posted(stored.message, stored.prev_id)
         return stored.message

@@ -139,7 +139,7 @@ def abstract_socket() -> Iterator[SystemdStandIn]:
 
 @asynccontextmanager
 async def herald(
-    command: str, settings: Settings, tmp_path: Path, notify: SystemdStandIn
+    command: str, settings: Settings, tmp_path: Path, notify: SystemdStandIn, *args: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
     """``herald COMMAND`` as systemd would start it; its log goes to a file."""
     env = {
@@ -161,7 +161,7 @@ async def herald(
     log = tmp_path / f"{command}.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            HERALD, command, env=env, cwd=tmp_path, stdout=out, stderr=out
+            HERALD, command, *args, env=env, cwd=tmp_path, stdout=out, stderr=out
         )
     try:
         yield proc, log
@@ -192,6 +192,29 @@ async def test_serve_notifies_ready_watchdog_and_stopping(
         status = re.fullmatch(r"listening on http://127\.0\.0\.1:(\d+)", ready["STATUS"])
         assert status, ready
         # READY=1 came after the listener: the port accepts a connection right now.
+        _, writer = await asyncio.open_connection("127.0.0.1", int(status.group(1)))
+        writer.close()
+        await writer.wait_closed()
+        await path_socket.pings(4)
+        await stop_and_expect_clean_exit(proc, log, path_socket)
+
+
+async def test_serve_with_processes_notifies_ready_once_all_children_are(
+    settings: Settings, tmp_path: Path, path_socket: SystemdStandIn
+) -> None:
+    """The supervisor speaks for its children: one READY=1 when both listen (they report
+    to it, not to systemd), its own watchdog pings, STOPPING=1, exit 0 after both drain."""
+    async with herald("serve", settings, tmp_path, path_socket, "--processes", "2") as (
+        proc,
+        log,
+    ):
+        ready = await path_socket.next_state(timeout=30)
+        assert ready["READY"] == "1", (ready, log.read_text())
+        status = re.fullmatch(
+            r"listening on http://127\.0\.0\.1:(\d+) \(2 processes\)", ready["STATUS"]
+        )
+        assert status, ready
+        assert log.read_text().count("Herald listening on") == 2, log.read_text()
         _, writer = await asyncio.open_connection("127.0.0.1", int(status.group(1)))
         writer.close()
         await writer.wait_closed()

@@ -38,6 +38,9 @@ DEFAULTS = {
     "log_level": "info",
     "worker_metrics_port": 9091,
     "web_app": False,
+    "uvloop": True,
+    "processes": 1,
+    "process_index": None,
 }
 
 # Every contract variable with a good non-default value and the field it lands in.
@@ -79,6 +82,15 @@ GOOD = [
     ("HERALD_WEB_APP", "1", "web_app", True),
     ("HERALD_WEB_APP", " True ", "web_app", True),
     ("HERALD_WEB_APP", "off", "web_app", False),
+    ("HERALD_UVLOOP", "0", "uvloop", False),
+    ("HERALD_UVLOOP", " off ", "uvloop", False),
+    ("HERALD_UVLOOP", "False", "uvloop", False),
+    ("HERALD_UVLOOP", "1", "uvloop", True),
+    ("HERALD_UVLOOP", "yes", "uvloop", True),
+    ("HERALD_PROCESSES", "4", "processes", 4),
+    ("HERALD_PROCESSES", "0", "processes", 0),
+    ("HERALD_PROCESSES", "auto", "processes", 0),
+    ("HERALD_PROCESSES", " AUTO ", "processes", 0),
 ]
 
 BAD = [
@@ -148,6 +160,11 @@ BAD = [
     ("HERALD_UPLOAD_DIR", "/tmp/a\x00b"),
     ("HERALD_WEB_APP", "maybe"),
     ("HERALD_WEB_APP", "2"),
+    ("HERALD_UVLOOP", "maybe"),
+    ("HERALD_UVLOOP", "2"),
+    ("HERALD_PROCESSES", "-1"),
+    ("HERALD_PROCESSES", "many"),
+    ("HERALD_PROCESSES", "257"),
 ]
 
 
@@ -339,3 +356,16 @@ def test_notify_variables_never_come_from_dotenv(tmp_path: Path) -> None:
     dotenv.write_text("NOTIFY_SOCKET=/tmp/fake\nWATCHDOG_USEC=1000000\n", encoding="utf-8")
     s = Settings.from_env(env={}, dotenv=dotenv)
     assert (s.notify_socket, s.watchdog_usec) == (None, None)
+
+
+def test_process_count_resolves_auto_to_the_cores_this_process_may_use() -> None:
+    assert from_env({"HERALD_PROCESSES": "3"}).process_count == 3
+    assert from_env({"HERALD_PROCESSES": "auto"}).process_count == len(os.sched_getaffinity(0))
+
+
+def test_process_index_comes_from_the_real_environment_only(tmp_path: Path) -> None:
+    """The supervisor sets it for its children; a .env file cannot claim to be one."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HERALD_PROCESS_INDEX=1\n")
+    assert Settings.from_env(env={}, dotenv=dotenv).process_index is None
+    assert from_env({"HERALD_PROCESS_INDEX": "1"}).process_index == 1
