@@ -13,7 +13,7 @@ from arq import Worker
 from arq.cron import CronJob
 from arq.worker import Function
 
-from shared.bus import arq_settings, redis_client
+from shared.bus import arq_settings, close_redis, close_sentinels, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
 from shared.entry import configure_logging, run_command
 from shared.metrics import Metrics
@@ -123,8 +123,10 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
         # Collect them here first, so close() deletes the health key and closes pools.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         worker.tasks.clear()
+        pool = worker.pool  # arq's own; close() forgets it
         try:
             await worker.close()
+            await close_sentinels(pool)
         finally:
             if observe is not None:
                 await observe.stop()
@@ -137,7 +139,7 @@ async def worker_alive(settings: Settings) -> bool:
     try:
         return bool(await client.exists(WORKER_HEALTH_KEY))
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 def worker_command(settings: Settings, *, check: bool = False) -> int:

@@ -37,6 +37,8 @@ DEFAULTS = {
     "log_format": "text",
     "log_level": "info",
     "worker_metrics_port": 9091,
+    "redis_sentinels": (),
+    "redis_sentinel_master": "herald",
 }
 
 # Every contract variable with a good non-default value and the field it lands in.
@@ -48,6 +50,15 @@ GOOD = [
     ("REDIS_URL", "redis://:pw@cache:6380/3", "redis_url", None),
     ("REDIS_URL", "rediss://cache/1", "redis_url", None),
     ("REDIS_URL", "unix:///run/redis.sock", "redis_url", None),
+    (
+        "REDIS_SENTINELS",
+        " 10.0.0.5:26379, sentinel-b.internal:26380 ,[::1]:5000,",
+        "redis_sentinels",
+        (("10.0.0.5", 26379), ("sentinel-b.internal", 26380), ("::1", 5000)),
+    ),
+    ("REDIS_SENTINELS", "s1,s1:26379", "redis_sentinels", (("s1", 26379),)),
+    ("REDIS_SENTINELS", "", "redis_sentinels", ()),
+    ("REDIS_SENTINEL_MASTER", "cache-1.prod", "redis_sentinel_master", None),
     ("HERALD_HOST", "0.0.0.0", "host", None),  # noqa: S104
     ("HERALD_PORT", "0", "port", 0),
     ("HERALD_PORT", "65535", "port", 65535),
@@ -102,6 +113,20 @@ BAD = [
     ("REDIS_URL", "redis://cache:6379/-1"),
     ("REDIS_URL", "redis://cache:6379?db=x"),
     ("REDIS_URL", "unix:///run/redis.sock?db=one"),
+    ("REDIS_SENTINELS", "s1:port"),
+    ("REDIS_SENTINELS", "s1:0"),
+    ("REDIS_SENTINELS", "s1:65536"),
+    ("REDIS_SENTINELS", "s1:-1"),
+    ("REDIS_SENTINELS", "s1:"),
+    ("REDIS_SENTINELS", ":26379"),
+    ("REDIS_SENTINELS", "bad host!:26379"),
+    ("REDIS_SENTINELS", "ok:26379,-dash:26379"),
+    ("REDIS_SENTINELS", "::1:26379"),
+    ("REDIS_SENTINELS", "[nope]:26379"),
+    ("REDIS_SENTINELS", "redis://s1:26379"),
+    ("REDIS_SENTINELS", "s1 s2:26379"),
+    ("REDIS_SENTINEL_MASTER", "my master"),
+    ("REDIS_SENTINEL_MASTER", "a,b"),
     ("HERALD_PORT", "abc"),
     ("HERALD_PORT", "-1"),
     ("HERALD_PORT", "65536"),
@@ -200,6 +225,16 @@ def test_redis_db_from_url() -> None:
     assert from_env({"REDIS_URL": "redis://h:6379/2?db=5"}).redis_db == 5
     assert from_env({"REDIS_URL": "unix:///run/redis.sock?db=4"}).redis_db == 4
     assert from_env({"REDIS_URL": "unix:///run/redis.sock"}).redis_db == 0
+
+
+def test_sentinels_take_db_and_credentials_from_redis_url() -> None:
+    s = from_env(
+        {"REDIS_SENTINELS": "s1:26379", "REDIS_URL": "redis://herald:p%40ss@ignored:1/7"}
+    )
+    assert s.redis_sentinels == (("s1", 26379),)
+    assert (s.redis_db, s.redis_credentials) == (7, ("herald", "p@ss"))
+    assert from_env({"REDIS_URL": "redis://:pw@h/0"}).redis_credentials == (None, "pw")
+    assert from_env({}).redis_credentials == (None, None)
 
 
 def test_settings_are_frozen() -> None:
