@@ -29,9 +29,11 @@ class MasterPool(SentinelConnectionPool):
         before = self.master_address
         address: tuple[str, int] = await super().get_master_address()  # type: ignore[no-untyped-call]
         if before is not None and address != before:
+            # Operators search for this line after a failover (docs/runbook.md).
             logger.warning(
-                "Redis master %r moved (Sentinel failover); connecting to the new one",
+                "Redis master %r is now %s:%s (Sentinel failover)",
                 self.service_name,
+                *address,
             )
         return address
 

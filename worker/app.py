@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from signal import Signals
 from typing import Any
@@ -12,10 +14,11 @@ from typing import Any
 from arq import Worker
 from arq.cron import CronJob
 from arq.worker import Function
+from redis.exceptions import RedisError
 
 from shared.bus import arq_settings, close_redis, close_sentinels, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
-from shared.entry import configure_logging, run_command
+from shared.entry import configure_logging, describe, run_command
 from shared.metrics import Metrics
 from shared.sdnotify import Notifier
 from shared.settings import Settings
@@ -27,6 +30,8 @@ from worker.observe import ObserveServer
 logger = logging.getLogger(__name__)
 
 JOB_COMPLETION_WAIT_S = 10
+# Waits between attempts to resume after Redis was lost: doubling from the first.
+RESUME_FIRST_S, RESUME_MAX_S = 0.2, 5.0
 
 
 async def ping(ctx: dict[str, Any], seconds: float = 0.0) -> str:
@@ -73,6 +78,11 @@ def build_worker(
     notifier = notifier or Notifier()
 
     async def on_startup(ctx: dict[str, Any]) -> None:
+        # arq runs this each time its main loop starts, and run_worker restarts that
+        # loop after a lost Redis: the context opened the first time is kept.
+        if CTX_KEY in ctx:
+            logger.info("worker resumed")
+            return
         # arq put its own pool in ctx["redis"]: the services enqueue through that one.
         ctx[CTX_KEY] = await open_context(settings, metrics, arq=ctx["redis"])
         logger.info("worker started")
@@ -107,6 +117,38 @@ def build_worker(
     return NotifyingWorker(notifier=notifier, **kwargs)
 
 
+async def run_until_stopped(worker: Worker) -> None:
+    """arq's main loop, resumed whenever it ends on a lost Redis, until a signal stops
+    it (or a burst ends). arq 0.28's ``async_run()`` raises the connection error and has
+    no retry of its own; its pool reconnects on the next command — through the
+    Sentinels, when set, to whichever master they name by then (a failover)."""
+    stopped = asyncio.Event()
+    # arq calls on_stop last in both of its signal handlers (cancel now, or after the
+    # running jobs had their JOB_COMPLETION_WAIT_S): from then on, nothing resumes.
+    worker.on_stop = lambda _signum: stopped.set()
+    delay = RESUME_FIRST_S
+    lost = False
+    while True:
+        started = time.monotonic()
+        try:
+            await worker.async_run()
+            return
+        except (RedisError, OSError) as exc:
+            if stopped.is_set():
+                return
+            if time.monotonic() - started > RESUME_MAX_S:
+                lost, delay = False, RESUME_FIRST_S  # it had been running: a new outage
+            if not lost:  # one line per outage, not one per attempt
+                logger.warning("worker lost Redis (%s); resuming when it answers", describe(exc))
+                lost = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stopped.wait()
+        if stopped.is_set():
+            return
+        delay = min(delay * 2, RESUME_MAX_S)
+
+
 async def run_worker(settings: Settings, **overrides: Any) -> None:
     """Run until SIGTERM/SIGINT, then close connections."""
     notifier = Notifier.from_settings(settings)
@@ -114,7 +156,7 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
     worker = build_worker(settings, notifier=notifier, metrics=metrics, **overrides)
     observe = await ObserveServer.start(settings, worker, metrics)  # /metrics, /health
     try:
-        await worker.async_run()
+        await run_until_stopped(worker)
     except asyncio.CancelledError:
         pass  # arq's signal handler cancels the main task: that is a normal stop
     finally:

@@ -228,9 +228,7 @@ def test_redis_db_from_url() -> None:
 
 
 def test_sentinels_take_db_and_credentials_from_redis_url() -> None:
-    s = from_env(
-        {"REDIS_SENTINELS": "s1:26379", "REDIS_URL": "redis://herald:p%40ss@ignored:1/7"}
-    )
+    s = from_env({"REDIS_SENTINELS": "s1:26379", "REDIS_URL": "redis://herald:p%40ss@ignored:1/7"})
     assert s.redis_sentinels == (("s1", 26379),)
     assert (s.redis_db, s.redis_credentials) == (7, ("herald", "p@ss"))
     assert from_env({"REDIS_URL": "redis://:pw@h/0"}).redis_credentials == (None, "pw")
