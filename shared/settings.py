@@ -82,7 +82,10 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     raw = (env.get(name) or default).strip()
     try:
         parts = urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        if parts.scheme.startswith("postgres"):
+            _check_pg_hosts(parts.netloc)
+        else:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise SettingsError(f"{name}: not a valid URL") from None
     if parts.scheme not in schemes:
@@ -98,6 +101,20 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
         # arq and redis-py would fail later with a bare ValueError naming nothing.
         raise SettingsError(f"{name}: the database number must be a whole number, e.g. /0")
     return raw
+
+
+def _check_pg_hosts(netloc: str) -> None:
+    """libpq's URLs may name several servers, ``host1:port1,host2:port2`` (it tries
+    them in turn; ``target_session_attrs`` picks the writable one), which ``urlsplit``
+    cannot take apart: each entry's port is checked here. ValueError if one is bad."""
+    hosts = netloc.rpartition("@")[2]
+    if "," not in hosts:
+        urlsplit(f"//{hosts}").port  # noqa: B018 - raises ValueError on a bad port
+        return
+    for entry in hosts.split(","):
+        if not entry or "/" in entry:
+            raise ValueError(entry)
+        urlsplit(f"//{entry}").port  # noqa: B018 - raises ValueError on a bad port
 
 
 REDIS_DB_PATH = re.compile(r"(?:/[0-9]{1,9})?")

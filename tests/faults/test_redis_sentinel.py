@@ -42,7 +42,7 @@ from tests.faults.delivery_procs import (
     settle,
 )
 from tests.faults.sentinel_procs import cli, sentinel_set
-from tests.helpers import API, wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
