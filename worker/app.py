@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from signal import Signals
 from typing import Any
@@ -32,6 +31,8 @@ logger = logging.getLogger(__name__)
 JOB_COMPLETION_WAIT_S = 10
 # Waits between attempts to resume after Redis was lost: doubling from the first.
 RESUME_FIRST_S, RESUME_MAX_S = 0.2, 5.0
+# In arq's ctx: how often on_startup ran, i.e. arq's loop reached Redis and started.
+STARTS_KEY = "herald_starts"
 
 
 async def ping(ctx: dict[str, Any], seconds: float = 0.0) -> str:
@@ -80,6 +81,7 @@ def build_worker(
     async def on_startup(ctx: dict[str, Any]) -> None:
         # arq runs this each time its main loop starts, and run_worker restarts that
         # loop after a lost Redis: the context opened the first time is kept.
+        ctx[STARTS_KEY] = ctx.get(STARTS_KEY, 0) + 1
         if CTX_KEY in ctx:
             logger.info("worker resumed")
             return
@@ -129,14 +131,14 @@ async def run_until_stopped(worker: Worker) -> None:
     delay = RESUME_FIRST_S
     lost = False
     while True:
-        started = time.monotonic()
+        starts = worker.ctx.get(STARTS_KEY, 0)
         try:
             await worker.async_run()
             return
         except (RedisError, OSError) as exc:
             if stopped.is_set():
                 return
-            if time.monotonic() - started > RESUME_MAX_S:
+            if worker.ctx.get(STARTS_KEY, 0) > starts:
                 lost, delay = False, RESUME_FIRST_S  # it had been running: a new outage
             if not lost:  # one line per outage, not one per attempt
                 logger.warning("worker lost Redis (%s); resuming when it answers", describe(exc))
