@@ -254,7 +254,7 @@ def print_progress(figures: dict[str, Any]) -> None:
 def cmd_jobs_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     """Queue an operator job (joining a real run already queued or running); with
     ``--wait``, exit 0 only if it finished and succeeded."""
-    from shared.bus import arq_pool
+    from shared.bus import arq_pool, close_redis
     from shared.services.jobs import JobService
 
     # Progress goes to a terminal only: a script reading stdout gets the same lines as
@@ -273,7 +273,7 @@ def cmd_jobs_enqueue(settings: Settings, args: argparse.Namespace) -> int:
                 )
             return joined, await jobs.state(job_id)
         finally:
-            await pool.aclose()
+            await close_redis(pool)
 
     joined, state = asyncio.run(run())
     if show_progress:
@@ -293,7 +293,7 @@ def cmd_jobs_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_jobs_status(settings: Settings, args: argparse.Namespace) -> int:
     """Print a job's state and result; exit 1 if no such job is known (any more)."""
-    from shared.bus import arq_pool
+    from shared.bus import arq_pool, close_redis
     from shared.services.jobs import JobService
 
     async def run() -> Any:
@@ -301,7 +301,7 @@ def cmd_jobs_status(settings: Settings, args: argparse.Namespace) -> int:
         try:
             return await JobService(arq=pool).state(args.job_id)
         finally:
-            await pool.aclose()
+            await close_redis(pool)
 
     state = asyncio.run(run())
     print_job_state(state)

@@ -44,7 +44,7 @@ from server.sse.hub import Hub
 from server.sse.leases import IpLeases
 from server.sse.manager import StreamManager
 from server.sse.tokens import TokenWatch
-from shared.bus import EventBus, arq_pool, redis_client
+from shared.bus import EventBus, arq_pool, close_redis, redis_client
 from shared.constants import events_channel
 from shared.db.monitor import QueryMonitor, query_scope
 from shared.db.pool import Database, create_pool
@@ -74,14 +74,14 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = client
     app[BUS] = EventBus(client, settings)
     yield
-    await client.aclose()
+    await close_redis(client)
 
 
 async def arq_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await arq_pool(app[SETTINGS])
     app[ARQ] = pool
     yield
-    await pool.aclose()
+    await close_redis(pool)
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from shared.constants import events_channel
 from shared.models import MessageJson
@@ -21,8 +22,42 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+class MasterPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool, logging when the master it connects to moves."""
+
+    async def get_master_address(self) -> tuple[str, int]:
+        before = self.master_address
+        address: tuple[str, int] = await super().get_master_address()  # type: ignore[no-untyped-call]
+        if before is not None and address != before:
+            # Operators search for this line after a failover (docs/runbook.md).
+            logger.warning(
+                "Redis master %r is now %s:%s (Sentinel failover)",
+                self.service_name,
+                *address,
+            )
+        return address
+
+
 def redis_client(settings: Settings) -> aioredis.Redis:
-    """A client for keys and pub/sub; close it with ``aclose()``."""
+    """A client for keys and pub/sub; close it with :func:`close_redis`.
+
+    With ``REDIS_SENTINELS`` every new connection asks the Sentinels for the master
+    first, so after a failover each reconnect (the hub's among them) reaches the new
+    one; ``REDIS_URL`` then gives only the database and the credentials."""
+    if settings.redis_sentinels:
+        username, password = settings.redis_credentials
+        # Sentinel takes the socket_* options for its own queries as well.
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(settings.redis_sentinels), socket_connect_timeout=5, health_check_interval=30
+        )
+        master: aioredis.Redis = sentinel.master_for(
+            settings.redis_sentinel_master,
+            connection_pool_class=MasterPool,
+            db=settings.redis_db,
+            username=username,
+            password=password,
+        )
+        return master
     client: aioredis.Redis = aioredis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=5, health_check_interval=30
     )
@@ -30,11 +65,38 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 
 def arq_settings(settings: Settings) -> RedisSettings:
+    if settings.redis_sentinels:
+        username, password = settings.redis_credentials
+        return RedisSettings(
+            host=list(settings.redis_sentinels),
+            sentinel=True,
+            sentinel_master=settings.redis_sentinel_master,
+            database=settings.redis_db,
+            username=username,
+            password=password,
+        )
     return RedisSettings.from_dsn(settings.redis_url)
 
 
 async def arq_pool(settings: Settings) -> ArqRedis:
     return await create_pool(arq_settings(settings))
+
+
+async def close_sentinels(client: aioredis.Redis | None) -> None:
+    """Close the connections to the Sentinels a client asked for its master: redis-py's
+    ``aclose()`` (and arq's ``Worker.close()``) leave them open."""
+    pool = client.connection_pool if client is not None else None
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+async def close_redis(client: aioredis.Redis) -> None:
+    """Close a client from the factories above (``redis_client``, ``arq_pool``)."""
+    try:
+        await client.aclose()
+    finally:
+        await close_sentinels(client)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 
 class SettingsError(Exception):
@@ -82,7 +82,10 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     raw = (env.get(name) or default).strip()
     try:
         parts = urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        if parts.scheme.startswith("postgres"):
+            _check_pg_hosts(parts.netloc)
+        else:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise SettingsError(f"{name}: not a valid URL") from None
     if parts.scheme not in schemes:
@@ -98,6 +101,20 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
         # arq and redis-py would fail later with a bare ValueError naming nothing.
         raise SettingsError(f"{name}: the database number must be a whole number, e.g. /0")
     return raw
+
+
+def _check_pg_hosts(netloc: str) -> None:
+    """libpq's URLs may name several servers, ``host1:port1,host2:port2`` (it tries
+    them in turn; ``target_session_attrs`` picks the writable one), which ``urlsplit``
+    cannot take apart: each entry's port is checked here. ValueError if one is bad."""
+    hosts = netloc.rpartition("@")[2]
+    if "," not in hosts:
+        urlsplit(f"//{hosts}").port  # noqa: B018 - raises ValueError on a bad port
+        return
+    for entry in hosts.split(","):
+        if not entry or "/" in entry:
+            raise ValueError(entry)
+        urlsplit(f"//{entry}").port  # noqa: B018 - raises ValueError on a bad port
 
 
 REDIS_DB_PATH = re.compile(r"(?:/[0-9]{1,9})?")
@@ -145,6 +162,50 @@ def _host(env: Mapping[str, str], name: str, default: str) -> str:
     if len(raw) <= 253 and HOSTNAME_RE.fullmatch(raw):
         return raw
     raise SettingsError(f"{name}: {raw!r} is not an IP address or host name")
+
+
+SENTINEL_DEFAULT_PORT = 26379
+SENTINEL_ENTRY = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:]*))(?::(?P<port>[^:]*))?")
+
+
+def _sentinels(env: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (IPv6 in brackets, port default 26379); empty: none."""
+    found: list[tuple[str, int]] = []
+    for item in env.get(name, "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        bad = SettingsError(f"{name}: {item!r} is not host:port (e.g. 10.0.0.5:26379)")
+        match = SENTINEL_ENTRY.fullmatch(item)
+        if match is None:
+            raise bad
+        host, port_text = match["v6"] or match["host"], match["port"]
+        try:
+            if match["v6"] is not None:
+                ipaddress.IPv6Address(host)
+            elif not HOSTNAME_RE.fullmatch(host) or len(host) > 253:
+                ipaddress.ip_address(host)
+        except ValueError:
+            raise bad from None
+        if port_text is None:
+            port = SENTINEL_DEFAULT_PORT
+        elif port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536:
+            port = int(port_text)
+        else:
+            raise bad
+        if (host, port) not in found:
+            found.append((host, port))
+    return tuple(found)
+
+
+SENTINEL_MASTER_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _sentinel_master(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if not SENTINEL_MASTER_RE.fullmatch(raw):
+        raise SettingsError(f"{name}: {raw!r} is not a master name (letters, digits, . _ -)")
+    return raw
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -284,6 +345,10 @@ MAX_SHUTDOWN_TIMEOUT_S = 20.0
 class Settings:
     database_url: str = "postgresql://localhost/herald"
     redis_url: str = "redis://localhost:6379/0"
+    # Set: every Redis client follows the master these Sentinels name (shared/bus.py),
+    # and REDIS_URL gives only the database number and the credentials.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "herald"
     host: str = "127.0.0.1"
     port: int = 8080
     upload_dir: Path = Path("./var/uploads")
@@ -357,6 +422,8 @@ class Settings:
                 e, "DATABASE_URL", "postgresql://localhost/herald", ("postgresql", "postgres")
             ),
             redis_url=_url(e, "REDIS_URL", "redis://localhost:6379/0", ("redis", "rediss", "unix")),
+            redis_sentinels=_sentinels(e, "REDIS_SENTINELS"),
+            redis_sentinel_master=_sentinel_master(e, "REDIS_SENTINEL_MASTER", "herald"),
             host=host,
             port=_port(e, "HERALD_PORT", 8080),
             upload_dir=Path(upload_raw),
@@ -408,3 +475,11 @@ class Settings:
         """The Redis database number in ``REDIS_URL`` (pub/sub names include it)."""
         parts = urlsplit(self.redis_url)
         return _redis_db(parts) or 0
+
+    @property
+    def redis_credentials(self) -> tuple[str | None, str | None]:
+        """``REDIS_URL``'s user name and password (percent-decoded), each None if absent."""
+        parts = urlsplit(self.redis_url)
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        return user, password

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from signal import Signals
@@ -12,10 +13,11 @@ from typing import Any
 from arq import Worker
 from arq.cron import CronJob
 from arq.worker import Function
+from redis.exceptions import RedisError
 
-from shared.bus import arq_settings, redis_client
+from shared.bus import arq_settings, close_redis, close_sentinels, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
-from shared.entry import configure_logging, run_command
+from shared.entry import configure_logging, describe, run_command
 from shared.eventloop import run as run_on_loop
 from shared.metrics import Metrics
 from shared.sdnotify import Notifier
@@ -28,6 +30,10 @@ from worker.observe import ObserveServer
 logger = logging.getLogger(__name__)
 
 JOB_COMPLETION_WAIT_S = 10
+# Waits between attempts to resume after Redis was lost: doubling from the first.
+RESUME_FIRST_S, RESUME_MAX_S = 0.2, 5.0
+# In arq's ctx: how often on_startup ran, i.e. arq's loop reached Redis and started.
+STARTS_KEY = "herald_starts"
 
 
 async def ping(ctx: dict[str, Any], seconds: float = 0.0) -> str:
@@ -74,6 +80,12 @@ def build_worker(
     notifier = notifier or Notifier()
 
     async def on_startup(ctx: dict[str, Any]) -> None:
+        # arq runs this each time its main loop starts, and run_worker restarts that
+        # loop after a lost Redis: the context opened the first time is kept.
+        ctx[STARTS_KEY] = ctx.get(STARTS_KEY, 0) + 1
+        if CTX_KEY in ctx:
+            logger.info("worker resumed")
+            return
         # arq put its own pool in ctx["redis"]: the services enqueue through that one.
         ctx[CTX_KEY] = await open_context(settings, metrics, arq=ctx["redis"])
         logger.info("worker started")
@@ -108,6 +120,38 @@ def build_worker(
     return NotifyingWorker(notifier=notifier, **kwargs)
 
 
+async def run_until_stopped(worker: Worker) -> None:
+    """arq's main loop, resumed whenever it ends on a lost Redis, until a signal stops
+    it (or a burst ends). arq 0.28's ``async_run()`` raises the connection error and has
+    no retry of its own; its pool reconnects on the next command — through the
+    Sentinels, when set, to whichever master they name by then (a failover)."""
+    stopped = asyncio.Event()
+    # arq calls on_stop last in both of its signal handlers (cancel now, or after the
+    # running jobs had their JOB_COMPLETION_WAIT_S): from then on, nothing resumes.
+    worker.on_stop = lambda _signum: stopped.set()
+    delay = RESUME_FIRST_S
+    lost = False
+    while True:
+        starts = worker.ctx.get(STARTS_KEY, 0)
+        try:
+            await worker.async_run()
+            return
+        except (RedisError, OSError) as exc:
+            if stopped.is_set():
+                return
+            if worker.ctx.get(STARTS_KEY, 0) > starts:
+                lost, delay = False, RESUME_FIRST_S  # it had been running: a new outage
+            if not lost:  # one line per outage, not one per attempt
+                logger.warning("worker lost Redis (%s); resuming when it answers", describe(exc))
+                lost = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stopped.wait()
+        if stopped.is_set():
+            return
+        delay = min(delay * 2, RESUME_MAX_S)
+
+
 async def run_worker(settings: Settings, **overrides: Any) -> None:
     """Run until SIGTERM/SIGINT, then close connections."""
     notifier = Notifier.from_settings(settings)
@@ -115,7 +159,7 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
     worker = build_worker(settings, notifier=notifier, metrics=metrics, **overrides)
     observe = await ObserveServer.start(settings, worker, metrics)  # /metrics, /health
     try:
-        await worker.async_run()
+        await run_until_stopped(worker)
     except asyncio.CancelledError:
         pass  # arq's signal handler cancels the main task: that is a normal stop
     finally:
@@ -124,8 +168,10 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
         # Collect them here first, so close() deletes the health key and closes pools.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         worker.tasks.clear()
+        pool = worker.pool  # arq's own; close() forgets it
         try:
             await worker.close()
+            await close_sentinels(pool)
         finally:
             if observe is not None:
                 await observe.stop()
@@ -138,7 +184,7 @@ async def worker_alive(settings: Settings) -> bool:
     try:
         return bool(await client.exists(WORKER_HEALTH_KEY))
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 def worker_command(settings: Settings, *, check: bool = False) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
-from shared.bus import EventBus, arq_pool, redis_client
+from shared.bus import EventBus, arq_pool, close_redis, redis_client
 from shared.db.monitor import QueryMonitor
 from shared.db.pool import Database, create_pool
 from shared.metrics import Metrics
@@ -68,6 +68,6 @@ async def open_context(
 
 async def close_context(wctx: WorkerContext) -> None:
     if wctx.owns_arq:
-        await wctx.arq.aclose()
-    await wctx.redis.aclose()
+        await close_redis(wctx.arq)
+    await close_redis(wctx.redis)
     await wctx.db.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -9,6 +10,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiopg
+import psycopg2
+import psycopg2.extensions
 
 from shared.db.monitor import QueryMonitor
 
@@ -17,10 +20,32 @@ logger = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
+async def usable_host(dsn: str) -> str:
+    """``dsn`` pinned to the first of its servers libpq can use, when it names several
+    (``postgresql://a:5432,b:5432/herald?target_session_attrs=read-write``).
+
+    aiopg watches the socket libpq opened first; when libpq gives up on one host and
+    opens a socket to the next, aiopg never sees it and the connect hangs until its
+    timeout. So a blocking libpq connect (in a thread) picks the server, honouring
+    ``target_session_attrs``, and the pool connects to that one only, until the process
+    restarts (docs/runbook.md: after a PostgreSQL failover, restart Herald)."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    if "," not in params.get("host", "") + params.get("hostaddr", ""):
+        return dsn
+    conn = await asyncio.to_thread(psycopg2.connect, dsn)
+    try:
+        host, port = conn.info.host, conn.info.port
+    finally:
+        conn.close()
+    logger.info("PostgreSQL: using %s:%s of the DSN's servers", host, port)
+    pinned: str = psycopg2.extensions.make_dsn(dsn, host=host, port=str(port), hostaddr=None)
+    return pinned
+
+
 async def create_pool(dsn: str, *, minsize: int = 1, maxsize: int = 10) -> aiopg.Pool:
     """Open a pool; ``timeout`` bounds how long a caller waits for a connection."""
     pool: aiopg.Pool = await aiopg.create_pool(
-        dsn, minsize=minsize, maxsize=maxsize, timeout=30.0, pool_recycle=300.0
+        await usable_host(dsn), minsize=minsize, maxsize=maxsize, timeout=30.0, pool_recycle=300.0
     )
     return pool
 

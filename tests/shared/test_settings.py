@@ -41,6 +41,8 @@ DEFAULTS = {
     "uvloop": True,
     "processes": 1,
     "process_index": None,
+    "redis_sentinels": (),
+    "redis_sentinel_master": "herald",
 }
 
 # Every contract variable with a good non-default value and the field it lands in.
@@ -49,9 +51,32 @@ GOOD = [
     ("DATABASE_URL", "postgres://db/h", "database_url", None),
     ("DATABASE_URL", "postgresql:///h?host=/var/run/postgresql", "database_url", None),
     ("DATABASE_URL", "postgresql:///herald", "database_url", None),
+    # libpq's multi-host forms (it tries each; target_session_attrs picks a writable one).
+    (
+        "DATABASE_URL",
+        "postgresql://u:p@db-a:5432,db-b:5433/herald?target_session_attrs=read-write",
+        "database_url",
+        None,
+    ),
+    ("DATABASE_URL", "postgresql://db-a,db-b:5432,[::1]:5433/herald", "database_url", None),
+    (
+        "DATABASE_URL",
+        "postgresql:///herald?host=db-a,db-b&port=5432,5433&target_session_attrs=read-write",
+        "database_url",
+        None,
+    ),
     ("REDIS_URL", "redis://:pw@cache:6380/3", "redis_url", None),
     ("REDIS_URL", "rediss://cache/1", "redis_url", None),
     ("REDIS_URL", "unix:///run/redis.sock", "redis_url", None),
+    (
+        "REDIS_SENTINELS",
+        " 10.0.0.5:26379, sentinel-b.internal:26380 ,[::1]:5000,",
+        "redis_sentinels",
+        (("10.0.0.5", 26379), ("sentinel-b.internal", 26380), ("::1", 5000)),
+    ),
+    ("REDIS_SENTINELS", "s1,s1:26379", "redis_sentinels", (("s1", 26379),)),
+    ("REDIS_SENTINELS", "", "redis_sentinels", ()),
+    ("REDIS_SENTINEL_MASTER", "cache-1.prod", "redis_sentinel_master", None),
     ("HERALD_HOST", "0.0.0.0", "host", None),  # noqa: S104
     ("HERALD_PORT", "0", "port", 0),
     ("HERALD_PORT", "65535", "port", 65535),
@@ -108,6 +133,9 @@ BAD = [
     ("DATABASE_URL", "postgresql://db:port/h"),
     ("DATABASE_URL", "postgresql://[::1/h"),
     ("DATABASE_URL", "postgresql://"),
+    ("DATABASE_URL", "postgresql://db-a:x,db-b:5432/h"),
+    ("DATABASE_URL", "postgresql://db-a:5432,db-b:99999/h"),
+    ("DATABASE_URL", "postgresql://db-a:5432,,db-b/h"),
     ("REDIS_URL", "http://cache:6379/0"),
     ("REDIS_URL", "redis://cache:99999/0"),
     ("REDIS_URL", "redis://"),
@@ -118,6 +146,20 @@ BAD = [
     ("REDIS_URL", "redis://cache:6379/-1"),
     ("REDIS_URL", "redis://cache:6379?db=x"),
     ("REDIS_URL", "unix:///run/redis.sock?db=one"),
+    ("REDIS_SENTINELS", "s1:port"),
+    ("REDIS_SENTINELS", "s1:0"),
+    ("REDIS_SENTINELS", "s1:65536"),
+    ("REDIS_SENTINELS", "s1:-1"),
+    ("REDIS_SENTINELS", "s1:"),
+    ("REDIS_SENTINELS", ":26379"),
+    ("REDIS_SENTINELS", "bad host!:26379"),
+    ("REDIS_SENTINELS", "ok:26379,-dash:26379"),
+    ("REDIS_SENTINELS", "::1:26379"),
+    ("REDIS_SENTINELS", "[nope]:26379"),
+    ("REDIS_SENTINELS", "redis://s1:26379"),
+    ("REDIS_SENTINELS", "s1 s2:26379"),
+    ("REDIS_SENTINEL_MASTER", "my master"),
+    ("REDIS_SENTINEL_MASTER", "a,b"),
     ("HERALD_PORT", "abc"),
     ("HERALD_PORT", "-1"),
     ("HERALD_PORT", "65536"),
@@ -223,6 +265,14 @@ def test_redis_db_from_url() -> None:
     assert from_env({"REDIS_URL": "redis://h:6379/2?db=5"}).redis_db == 5
     assert from_env({"REDIS_URL": "unix:///run/redis.sock?db=4"}).redis_db == 4
     assert from_env({"REDIS_URL": "unix:///run/redis.sock"}).redis_db == 0
+
+
+def test_sentinels_take_db_and_credentials_from_redis_url() -> None:
+    s = from_env({"REDIS_SENTINELS": "s1:26379", "REDIS_URL": "redis://herald:p%40ss@ignored:1/7"})
+    assert s.redis_sentinels == (("s1", 26379),)
+    assert (s.redis_db, s.redis_credentials) == (7, ("herald", "p@ss"))
+    assert from_env({"REDIS_URL": "redis://:pw@h/0"}).redis_credentials == (None, "pw")
+    assert from_env({}).redis_credentials == (None, None)
 
 
 def test_settings_are_frozen() -> None:
