@@ -18,6 +18,10 @@ Token → user entries make an authenticated request free of database work too. 
 keyed by the token's sha256 (never the token) and live at most ``USER_TTL_MAX_S``.
 
 Redis trouble never fails a request: reads fall back to PostgreSQL and are counted.
+Each command waits at most HERALD_BACKEND_TIMEOUT_S (the client's socket timeout), and
+the first failure opens the process's Redis circuit breaker (shared/breaker.py): while
+it is open the cache is skipped at once, so an outage costs one timeout, not one per
+request. Failures are logged once per ``FAILURE_LOG_INTERVAL_S`` with a count.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
+from shared.breaker import CircuitBreaker
 from shared.constants import (
     channel_cache_key,
     channel_gen_key,
     channel_lock_key,
     user_token_cache_key,
 )
+from shared.logcontext import FAILURE_LOG_INTERVAL_S, Throttle
 from shared.metrics import Metrics
 from shared.models import User, may_see_channel
 from shared.settings import Settings
@@ -126,8 +133,11 @@ class MetadataCache:
         settings: Settings,
         metrics: Metrics,
         lock_ttl_s: float = LOCK_TTL_S,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.redis = redis
+        self.breaker = breaker or CircuitBreaker("redis")
+        self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
         self.metrics = metrics
         self.ttl_s = settings.cache_ttl_s
         self.user_ttl_s = min(settings.cache_ttl_s, USER_TTL_MAX_S)
@@ -147,6 +157,7 @@ class MetadataCache:
                 "user_hits",
                 "user_misses",
                 "errors",
+                "bypassed",
             ),
             0,
         )
@@ -163,10 +174,30 @@ class MetadataCache:
         self.counts[f"{kind}_misses"] += 1
         self.metrics.cache_misses.labels(kind).inc()
 
+    def _usable(self) -> bool:
+        """False while the Redis breaker is open: the caller goes to PostgreSQL at once."""
+        if self.breaker.allow():
+            return True
+        self.counts["bypassed"] += 1
+        return False
+
+    def _ok(self) -> None:
+        if self.breaker.success():
+            logger.info("cache: Redis answers again")
+
     def _error(self, op: str, exc: Exception) -> None:
         self.counts["errors"] += 1
         self.metrics.cache_errors.labels(op).inc()
-        logger.warning("cache %s failed (%s); using the database", op, exc.__class__.__name__)
+        self.breaker.failure()
+        left_out = self._throttle.allow("error")
+        if left_out is not None:
+            logger.warning(
+                "cache %s failed (%s); using the database (%d more cache failures not"
+                " logged since the last line)",
+                op,
+                exc.__class__.__name__,
+                left_out,
+            )
 
     # -- channels ----------------------------------------------------------------------
     async def channel_for(
@@ -174,7 +205,7 @@ class MetadataCache:
     ) -> dict[str, Any] | None:
         """The channel's JSON if it exists and ``user`` may see it, else None. A hit costs
         one Redis round trip; a miss runs ``load`` once per key across all processes."""
-        if not self.enabled:
+        if not self.enabled or not self._usable():
             return (await load()).visible_to(user)
         try:
             data, member = await cast(
@@ -186,6 +217,7 @@ class MetadataCache:
         except RedisError as exc:
             self._error("read", exc)
             return (await load()).visible_to(user)
+        self._ok()
         if data is not None:
             self._hit("channel")
             if data == ABSENT.encode():
@@ -284,6 +316,11 @@ class MetadataCache:
         """Drop the channel's entry; call after the change committed (any process)."""
         gen_key = channel_gen_key(channel_id)
         for attempt in range(INVALIDATE_ATTEMPTS):
+            if not self.breaker.allow():
+                # Redis is down (or was a moment ago): no attempt would be answered in
+                # time. A frozen Redis that comes back may serve the old entry.
+                self._invalidation_lost(channel_id, "Redis unavailable")
+                return
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.incr(gen_key)
@@ -291,32 +328,43 @@ class MetadataCache:
                     pipe.delete(channel_cache_key(channel_id))
                     await pipe.execute()
             except RedisError as exc:
-                if attempt + 1 == INVALIDATE_ATTEMPTS:
-                    # The entry may now be stale for up to the TTL: say so loudly.
-                    self.counts["errors"] += 1
-                    self.metrics.cache_errors.labels("invalidate").inc()
-                    logger.error(
-                        "cache invalidation of channel %d failed (%s)",
-                        channel_id,
-                        exc.__class__.__name__,
-                    )
+                if isinstance(exc, RedisTimeout) or attempt + 1 == INVALIDATE_ATTEMPTS:
+                    # A timeout already cost HERALD_BACKEND_TIMEOUT_S: no second wait.
+                    self.breaker.failure()
+                    self._invalidation_lost(channel_id, exc.__class__.__name__)
                     return
                 await asyncio.sleep(0.05 * (attempt + 1))
             else:
+                self._ok()
                 self.counts["channel_invalidations"] += 1
                 self.metrics.cache_invalidations.labels("channel").inc()
                 return
 
+    def _invalidation_lost(self, channel_id: int, why: str) -> None:
+        # The entry may now be stale for up to the TTL: an error, not a warning.
+        self.counts["errors"] += 1
+        self.metrics.cache_errors.labels("invalidate").inc()
+        left_out = self._throttle.allow("invalidate")
+        if left_out is not None:
+            logger.error(
+                "cache invalidation of channel %d failed (%s; %d more not logged since the"
+                " last line); its entry may be stale for up to HERALD_CACHE_TTL_S",
+                channel_id,
+                why,
+                left_out,
+            )
+
     # -- token → user ------------------------------------------------------------------
     async def user_for(self, token_hash: bytes) -> User | None:
         """The cached user of a token's sha256, or None (miss, or caching off)."""
-        if not self.enabled:
+        if not self.enabled or not self._usable():
             return None
         try:
             raw = await self.redis.get(user_token_cache_key(token_hash.hex()))
         except RedisError as exc:
             self._error("read", exc)
             return None
+        self._ok()
         if raw is None:
             self._miss("user")
             return None
@@ -326,7 +374,7 @@ class MetadataCache:
 
     async def remember_user(self, token_hash: bytes, user: User) -> None:
         """Cache a successful token lookup (by the token's sha256) for ``user_ttl_s``."""
-        if not self.enabled:
+        if not self.enabled or not self._usable():
             return
         try:
             await self.redis.set(
@@ -359,4 +407,6 @@ class MetadataCache:
                 "hit_ratio": ratio(c["user_hits"], c["user_misses"]),
             },
             "errors": c["errors"],
+            "bypassed": c["bypassed"],
+            "breaker": self.breaker.state,
         }

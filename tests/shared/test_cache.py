@@ -389,7 +389,10 @@ async def test_redis_down_falls_back_to_the_database(
         assert await cache.user_for(b"\x00" * 32) is None
         await cache.remember_user(b"\x00" * 32, User(1, "m", False))
         await cache.invalidate_channel(8)  # logged, not raised
-        assert cache.counts["errors"] >= 5
+        # The first failure opens the breaker: the rest skip Redis without waiting on it.
+        assert cache.counts["errors"] >= 2
+        assert cache.counts["bypassed"] >= 3
+        assert cache.stats()["breaker"] == "open"
         assert any("invalidation of channel 8 failed" in r.getMessage() for r in caplog.records)
     finally:
         await dead.aclose()
