@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from signal import Signals
 from typing import Any
 
@@ -23,6 +23,7 @@ from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import attachment_cron_jobs, attachment_functions
 from worker.jobs.delayed import delayed_cron_jobs, delayed_functions
 from worker.observe import ObserveServer
+from worker.supervisor import Supervisor, WorkerRef
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +68,19 @@ def build_worker(
     *,
     notifier: Notifier | None = None,
     metrics: Metrics | None = None,
+    on_connected: Callable[[], None] | None = None,
     **overrides: Any,
 ) -> Worker:
-    """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc."""
+    """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc.
+    ``on_connected`` is called once the run's Redis and PostgreSQL answered."""
     notifier = notifier or Notifier()
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         # arq put its own pool in ctx["redis"]: the services enqueue through that one.
         ctx[CTX_KEY] = await open_context(settings, metrics, arq=ctx["redis"])
         logger.info("worker started")
+        if on_connected is not None:
+            on_connected()
         # arq has connected to Redis and runs this last before polling the queue.
         notifier.ready("connected, taking jobs")
 
@@ -108,27 +113,31 @@ def build_worker(
 
 
 async def run_worker(settings: Settings, **overrides: Any) -> None:
-    """Run until SIGTERM/SIGINT, then close connections."""
+    """Run until SIGTERM/SIGINT, through any Redis or PostgreSQL outage (reconnecting
+    with backoff, worker/supervisor.py), then close every connection."""
     notifier = Notifier.from_settings(settings)
     metrics = Metrics()
-    worker = build_worker(settings, notifier=notifier, metrics=metrics, **overrides)
-    observe = await ObserveServer.start(settings, worker, metrics)  # /metrics, /health
+    supervisor: Supervisor | None = None
+
+    def connected() -> None:
+        if supervisor is not None:
+            supervisor.connected()
+
+    def make() -> Worker:
+        return build_worker(
+            settings, notifier=notifier, metrics=metrics, on_connected=connected, **overrides
+        )
+
+    ref = WorkerRef(make())
+    supervisor = Supervisor(settings, make, ref, notifier)
+    observe = await ObserveServer.start(settings, ref, metrics)  # /metrics, /health
+    notifier.start_watchdog()
     try:
-        await worker.async_run()
-    except asyncio.CancelledError:
-        pass  # arq's signal handler cancels the main task: that is a normal stop
+        await supervisor.run()
     finally:
-        # Jobs cancelled by the signal end with CancelledError; Worker.close() gathers
-        # them without return_exceptions and would re-raise it before closing anything.
-        # Collect them here first, so close() deletes the health key and closes pools.
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-        worker.tasks.clear()
-        try:
-            await worker.close()
-        finally:
-            if observe is not None:
-                await observe.stop()
-            await notifier.close()
+        if observe is not None:
+            await observe.stop()
+        await notifier.close()
 
 
 async def worker_alive(settings: Settings) -> bool:
