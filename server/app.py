@@ -109,7 +109,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ATTACHMENTS] = services.attachments
     app[AUDIT] = services.audit
     app[AUTH_LIMIT] = AuthFailureLimiter(
-        redis=app[REDIS], limit=app[SETTINGS].auth_fail_limit, metrics=app[METRICS]
+        redis=app[REDIS],
+        limit=app[SETTINGS].auth_fail_limit,
+        metrics=app[METRICS],
+        breaker=app[BUS].breaker,
+        wait_s=app[SETTINGS].backend_timeout_s,
     )
     yield
 
