@@ -63,7 +63,9 @@ async def queue_section(app: web.Application) -> dict[str, Any]:
         async with asyncio.timeout(deadline_s(app)):
             return await app[QUEUE_STATS].section()
     except Exception as exc:
-        logger.warning("queue figures unavailable: %s", exc.__class__.__name__)
+        # The body says so ("available": false); a probe every few seconds must not
+        # write a line each time.
+        logger.debug("queue figures unavailable: %s", exc.__class__.__name__)
     settings = app[SETTINGS]
     return {
         "size": None,
