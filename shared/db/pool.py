@@ -36,12 +36,11 @@ async def create_pool(
 ) -> aiopg.Pool:
     """Open a pool; ``wait_s`` bounds each wait: for a pooled connection, for a new
     connection, and for each statement (aiopg closes a connection that timed out)."""
-    try:
-        pool: aiopg.Pool = await aiopg.create_pool(
-            dsn, minsize=minsize, maxsize=maxsize, timeout=wait_s, pool_recycle=300.0
-        )
-    except (TimeoutError, psycopg2.OperationalError) as exc:
-        raise unavailable(exc) from exc
+    # A failure here (at start-up) is raised as the driver's error: the CLI prints it
+    # (its message says which host and why), unlike a client's 503.
+    pool: aiopg.Pool = await aiopg.create_pool(
+        dsn, minsize=minsize, maxsize=maxsize, timeout=wait_s, pool_recycle=300.0
+    )
     return pool
 
 
