@@ -80,10 +80,11 @@ class AuthFailureLimiter:
         try:
             async with asyncio.timeout(self.wait_s):
                 key = failures_key(address)
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.zremrangebyscore(key, "-inf", now - WINDOW_S)
-                pipe.zrange(key, 0, -1, withscores=True)
-                _, members = await pipe.execute()
+                # Read-only: every request passes here, and a Redis that refuses writes
+                # (full, paused) must not hold authentication; record_failure prunes.
+                members = await self.redis.zrangebyscore(
+                    key, now - WINDOW_S, "+inf", withscores=True
+                )
         except REDIS_ERRORS:
             self._skip_until = now + SKIP_S
             self.breaker.failure()
@@ -102,6 +103,7 @@ class AuthFailureLimiter:
             async with asyncio.timeout(self.wait_s):
                 key = failures_key(address)
                 pipe = self.redis.pipeline(transaction=False)
+                pipe.zremrangebyscore(key, "-inf", now - WINDOW_S)
                 pipe.zadd(key, {f"{now}:{uuid.uuid4().hex[:8]}": now})
                 pipe.expire(key, int(WINDOW_S) + 1)
                 await pipe.execute()
