@@ -28,6 +28,7 @@ from server.keys import (
     REDIS,
     SETTINGS,
     STREAMS,
+    UNAVAILABLE_LOG,
     USERS,
 )
 from server.middlewares import (
@@ -44,10 +45,12 @@ from server.sse.hub import Hub
 from server.sse.leases import IpLeases
 from server.sse.manager import StreamManager
 from server.sse.tokens import TokenWatch
+from shared.breaker import CircuitBreaker
 from shared.bus import EventBus, arq_pool, close_redis, redis_client
 from shared.constants import events_channel
 from shared.db.monitor import QueryMonitor, query_scope
 from shared.db.pool import Database, create_pool
+from shared.logcontext import FAILURE_LOG_INTERVAL_S, Throttle
 from shared.metrics import Metrics
 from shared.services.auth_limit import AuthFailureLimiter
 from shared.services.keys import CURSOR_KEY, load_key
@@ -62,7 +65,10 @@ MAX_JSON_BYTES = 1024 * 1024
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     monitor = QueryMonitor(slow_ms=settings.slow_query_ms, metrics=app[METRICS])
-    db = Database(await create_pool(settings.database_url), monitor=monitor)
+    db = Database(
+        await create_pool(settings.database_url, wait_s=settings.backend_timeout_s),
+        monitor=monitor,
+    )
     app[DB] = db
     yield
     await db.close()
@@ -72,7 +78,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     client = redis_client(settings)
     app[REDIS] = client
-    app[BUS] = EventBus(client, settings)
+    # One breaker per app and Redis, shared by the bus and the cache (build_services).
+    app[BUS] = EventBus(client, settings, breaker=CircuitBreaker("redis"))
     yield
     await close_redis(client)
 
@@ -92,6 +99,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         arq=app[ARQ],
         bus=app[BUS],
         metrics=app[METRICS],
+        breaker=app[BUS].breaker,
     )
     app[CACHE] = services.cache
     app[USERS] = services.users
@@ -103,7 +111,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ATTACHMENTS] = services.attachments
     app[AUDIT] = services.audit
     app[AUTH_LIMIT] = AuthFailureLimiter(
-        redis=app[REDIS], limit=app[SETTINGS].auth_fail_limit, metrics=app[METRICS]
+        redis=app[REDIS],
+        limit=app[SETTINGS].auth_fail_limit,
+        metrics=app[METRICS],
+        breaker=app[BUS].breaker,
+        wait_s=app[SETTINGS].backend_timeout_s,
     )
     yield
 
@@ -185,6 +197,7 @@ def init_app(settings: Settings, metrics: Metrics | None = None) -> web.Applicat
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app[DRAINING] = [False]
+    app[UNAVAILABLE_LOG] = Throttle(FAILURE_LOG_INTERVAL_S)
     app[STREAMS] = StreamManager(settings, app[METRICS])
     app.cleanup_ctx.extend([database_ctx, redis_ctx, arq_ctx, services_ctx, delayed_ctx, hub_ctx])
     if settings.web_app:

@@ -12,6 +12,7 @@ from server.webfiles import WebFile
 from shared.bus import EventBus
 from shared.cache import MetadataCache
 from shared.db.pool import Database
+from shared.logcontext import Throttle
 from shared.metrics import Metrics
 from shared.services.attachments.service import AttachmentService
 from shared.services.audit import AuditTrail
@@ -42,5 +43,7 @@ AUDIT = web.AppKey("audit", AuditTrail)
 AUTH_LIMIT = web.AppKey("auth_limit", AuthFailureLimiter)
 HUB = web.AppKey("hub", Hub)
 STREAMS = web.AppKey("streams", StreamManager)
+# "backend unavailable" answers, logged once per interval with a count (per app).
+UNAVAILABLE_LOG = web.AppKey("unavailable_log", Throttle)
 DRAINING = web.AppKey("draining", list)  # [bool]: set once shutdown begins
 WEB_FILES = web.AppKey("web_files", dict[str, WebFile])  # the web client, HERALD_WEB_APP

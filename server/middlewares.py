@@ -12,10 +12,17 @@ import redis.exceptions
 from aiohttp import web
 
 from server.clientip import client_ip
-from server.keys import AUTH_LIMIT, METRICS, SETTINGS, USERS
+from server.keys import AUTH_LIMIT, METRICS, SETTINGS, UNAVAILABLE_LOG, USERS
 from server.protocol import REQUEST_ID
 from shared.constants import API_PREFIX
-from shared.errors import HeraldError, PayloadTooLarge, RetryLater, Unauthorized, code_for_status
+from shared.errors import (
+    BackendUnavailable,
+    HeraldError,
+    PayloadTooLarge,
+    RetryLater,
+    Unauthorized,
+    code_for_status,
+)
 from shared.models import Credential, User
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except BackendUnavailable as exc:
+        _log_unavailable(request, exc.__cause__ or exc)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
     except HeraldError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     except web.HTTPException as exc:
@@ -89,14 +99,8 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         ):
             raise  # the client is gone; nothing to answer
         # PostgreSQL or Redis unreachable (or no pooled connection in time): the request
-        # was fine, the server cannot serve it now. The class name only: messages can
-        # carry hosts.
-        logger.warning(
-            "dependency unavailable (%s) on %s %s",
-            exc.__class__.__name__,
-            request.method,
-            request.path,
-        )
+        # was fine, the server cannot serve it now.
+        _log_unavailable(request, exc)
         return error_response(
             503,
             "service_unavailable",
@@ -106,6 +110,22 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")
+
+
+def _log_unavailable(request: web.Request, exc: BaseException) -> None:
+    """One line per interval for an outage's 503s, with how many were left out. The
+    class name only: driver messages carry hosts."""
+    throttle = request.app.get(UNAVAILABLE_LOG)
+    left_out = throttle.allow("unavailable") if throttle is not None else 0
+    if left_out is not None:
+        logger.warning(
+            "dependency unavailable (%s) on %s %s; answering 503 (%d more not logged"
+            " since the last line)",
+            exc.__class__.__name__,
+            request.method,
+            request.path,
+            left_out,
+        )
 
 
 def bearer_token(request: web.Request, *, allow_query: bool) -> str | None:

@@ -15,7 +15,9 @@ import redis.asyncio as aioredis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+from shared.breaker import CircuitBreaker
 from shared.constants import events_channel
+from shared.logcontext import FAILURE_LOG_INTERVAL_S, Throttle
 from shared.models import MessageJson
 from shared.settings import Settings
 
@@ -41,14 +43,23 @@ class MasterPool(SentinelConnectionPool):
 def redis_client(settings: Settings) -> aioredis.Redis:
     """A client for keys and pub/sub; close it with :func:`close_redis`.
 
+    Every command is bounded by HERALD_BACKEND_TIMEOUT_S (redis-py's connect timeout
+    alone leaves a command to a frozen server waiting for ever). A pub/sub reader on
+    this client must read with ``get_message(timeout=...)``, never ``listen()``: an idle
+    blocking read would hit ``socket_timeout`` and look like a lost connection.
+
     With ``REDIS_SENTINELS`` every new connection asks the Sentinels for the master
     first, so after a failover each reconnect (the hub's among them) reaches the new
     one; ``REDIS_URL`` then gives only the database and the credentials."""
+    timeout = settings.backend_timeout_s
     if settings.redis_sentinels:
         username, password = settings.redis_credentials
         # Sentinel takes the socket_* options for its own queries as well.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(settings.redis_sentinels), socket_connect_timeout=5, health_check_interval=30
+            list(settings.redis_sentinels),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
         )
         master: aioredis.Redis = sentinel.master_for(
             settings.redis_sentinel_master,
@@ -56,18 +67,25 @@ def redis_client(settings: Settings) -> aioredis.Redis:
             db=settings.redis_db,
             username=username,
             password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
         return master
     client: aioredis.Redis = aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=5, health_check_interval=30
+        settings.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
     )
     return client
 
 
-def arq_settings(settings: Settings) -> RedisSettings:
+def arq_settings(settings: Settings, *, conn_retries: int = 5) -> RedisSettings:
+    # arq's connect timeout is whole seconds; its RedisSettings has no command timeout
+    # (arq_pool sets that on the pool itself).
     if settings.redis_sentinels:
         username, password = settings.redis_credentials
-        return RedisSettings(
+        base = RedisSettings(
             host=list(settings.redis_sentinels),
             sentinel=True,
             sentinel_master=settings.redis_sentinel_master,
@@ -75,11 +93,25 @@ def arq_settings(settings: Settings) -> RedisSettings:
             username=username,
             password=password,
         )
-    return RedisSettings.from_dsn(settings.redis_url)
+    else:
+        base = RedisSettings.from_dsn(settings.redis_url)
+    base.conn_timeout = max(1, int(settings.backend_timeout_s))
+    base.conn_retries = conn_retries
+    return base
 
 
-async def arq_pool(settings: Settings) -> ArqRedis:
-    return await create_pool(arq_settings(settings))
+async def arq_pool(settings: Settings, *, conn_retries: int = 5) -> ArqRedis:
+    """An arq pool whose commands are bounded like :func:`redis_client`'s. arq sends no
+    blocking commands (it polls), so a command timeout never fires on an idle queue."""
+    pool = await create_pool(arq_settings(settings, conn_retries=conn_retries))
+    timeout = settings.backend_timeout_s
+    pool.connection_pool.connection_kwargs.update(
+        socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+    # The connection create_pool pinged with was made before the timeouts: drop it, so
+    # every connection from here on has them.
+    await pool.connection_pool.disconnect()
+    return pool
 
 
 async def close_sentinels(client: aioredis.Redis | None) -> None:
@@ -214,27 +246,49 @@ def decode_event(data: Any) -> BusEvent | None:
 class EventBus:
     """Publishes channel and token events to every server process (one pub/sub channel)."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: Settings,
+        *,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.redis = redis
         self.channel = events_channel(settings.redis_db)
+        # Shared with the cache (one per process and Redis): while it is open a publish
+        # is skipped at once instead of waiting HERALD_BACKEND_TIMEOUT_S per post.
+        self.breaker = breaker or CircuitBreaker("redis")
+        self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
 
     async def publish(self, event: BusEvent) -> bool:
         """Publish after the database transaction committed. A Redis failure is logged,
         not raised: the change is stored, and every server process finds a message it
         missed in PostgreSQL (server/sse/feeds.py). True if Redis took it."""
         wire = encode_event(event)
+        if not self.breaker.allow():
+            self._failed(wire["type"], "circuit open")
+            return False
         payload = json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
         try:
             await self.redis.publish(self.channel, payload)
         except Exception as exc:
-            # One line, no traceback: during an outage every post comes here.
-            logger.warning(
-                "publishing %s event failed (%s); subscribers catch up from PostgreSQL",
-                wire["type"],
-                exc.__class__.__name__,
-            )
+            self.breaker.failure()
+            self._failed(wire["type"], exc.__class__.__name__)
             return False
+        self.breaker.success()
         return True
+
+    def _failed(self, kind: str, why: str) -> None:
+        # No traceback, and one line per interval: during an outage every post comes here.
+        left_out = self._throttle.allow("publish")
+        if left_out is not None:
+            logger.warning(
+                "publishing %s event failed (%s; %d more failures not logged since the"
+                " last line); subscribers catch up from PostgreSQL",
+                kind,
+                why,
+                left_out,
+            )
 
     async def message_posted(self, message: MessageJson, prev_id: int | None) -> None:
         await self.publish(MessagePosted(message["channel_id"], prev_id, message))

@@ -28,6 +28,10 @@ no statement" hold only by timing. With Redis unreachable nothing is read from i
 every request sees PostgreSQL's answer.
 
 Redis trouble never fails a request: reads fall back to PostgreSQL and are counted.
+Each command waits at most HERALD_BACKEND_TIMEOUT_S (the client's socket timeout), and
+the first failure opens the process's Redis circuit breaker (shared/breaker.py): while
+it is open the cache is skipped at once, so an outage costs one timeout, not one per
+request. Failures are logged once per ``FAILURE_LOG_INTERVAL_S`` with a count.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
+from shared.breaker import CircuitBreaker
 from shared.constants import (
     channel_cache_key,
     channel_gen_key,
     channel_lock_key,
     user_token_cache_key,
 )
+from shared.logcontext import FAILURE_LOG_INTERVAL_S, Throttle
 from shared.metrics import Metrics
 from shared.models import Credential, User, may_see_channel
 from shared.settings import Settings
@@ -137,8 +144,11 @@ class MetadataCache:
         settings: Settings,
         metrics: Metrics,
         lock_ttl_s: float = LOCK_TTL_S,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.redis = redis
+        self.breaker = breaker or CircuitBreaker("redis")
+        self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
         self.metrics = metrics
         self.ttl_s = settings.cache_ttl_s
         self.user_ttl_s = min(settings.cache_ttl_s, USER_TTL_MAX_S)
@@ -158,6 +168,7 @@ class MetadataCache:
                 "user_hits",
                 "user_misses",
                 "errors",
+                "bypassed",
             ),
             0,
         )
@@ -174,10 +185,30 @@ class MetadataCache:
         self.counts[f"{kind}_misses"] += 1
         self.metrics.cache_misses.labels(kind).inc()
 
+    def _usable(self) -> bool:
+        """False while the Redis breaker is open: the caller goes to PostgreSQL at once."""
+        if self.breaker.allow():
+            return True
+        self.counts["bypassed"] += 1
+        return False
+
+    def _ok(self) -> None:
+        if self.breaker.success():
+            logger.info("cache: Redis answers again")
+
     def _error(self, op: str, exc: Exception) -> None:
         self.counts["errors"] += 1
         self.metrics.cache_errors.labels(op).inc()
-        logger.warning("cache %s failed (%s); using the database", op, exc.__class__.__name__)
+        self.breaker.failure()
+        left_out = self._throttle.allow("error")
+        if left_out is not None:
+            logger.warning(
+                "cache %s failed (%s); using the database (%d more cache failures not"
+                " logged since the last line)",
+                op,
+                exc.__class__.__name__,
+                left_out,
+            )
 
     # -- channels ----------------------------------------------------------------------
     async def channel_for(
@@ -185,7 +216,7 @@ class MetadataCache:
     ) -> dict[str, Any] | None:
         """The channel's JSON if it exists and ``user`` may see it, else None. A hit costs
         one Redis round trip; a miss runs ``load`` once per key across all processes."""
-        if not self.enabled:
+        if not self.enabled or not self._usable():
             return (await load()).visible_to(user)
         try:
             data, member = await cast(
@@ -197,6 +228,7 @@ class MetadataCache:
         except RedisError as exc:
             self._error("read", exc)
             return (await load()).visible_to(user)
+        self._ok()
         if data is not None:
             self._hit("channel")
             if data == ABSENT.encode():
@@ -295,6 +327,11 @@ class MetadataCache:
         """Drop the channel's entry; call after the change committed (any process)."""
         gen_key = channel_gen_key(channel_id)
         for attempt in range(INVALIDATE_ATTEMPTS):
+            if not self.breaker.allow():
+                # Redis is down (or was a moment ago): no attempt would be answered in
+                # time. A frozen Redis that comes back may serve the old entry.
+                self._invalidation_lost(channel_id, "Redis unavailable")
+                return
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.incr(gen_key)
@@ -302,33 +339,44 @@ class MetadataCache:
                     pipe.delete(channel_cache_key(channel_id))
                     await pipe.execute()
             except RedisError as exc:
-                if attempt + 1 == INVALIDATE_ATTEMPTS:
-                    # The entry may now be stale for up to the TTL: say so loudly.
-                    self.counts["errors"] += 1
-                    self.metrics.cache_errors.labels("invalidate").inc()
-                    logger.error(
-                        "cache invalidation of channel %d failed (%s)",
-                        channel_id,
-                        exc.__class__.__name__,
-                    )
+                if isinstance(exc, RedisTimeout) or attempt + 1 == INVALIDATE_ATTEMPTS:
+                    # A timeout already cost HERALD_BACKEND_TIMEOUT_S: no second wait.
+                    self.breaker.failure()
+                    self._invalidation_lost(channel_id, exc.__class__.__name__)
                     return
                 await asyncio.sleep(0.05 * (attempt + 1))
             else:
+                self._ok()
                 self.counts["channel_invalidations"] += 1
                 self.metrics.cache_invalidations.labels("channel").inc()
                 return
+
+    def _invalidation_lost(self, channel_id: int, why: str) -> None:
+        # The entry may now be stale for up to the TTL: an error, not a warning.
+        self.counts["errors"] += 1
+        self.metrics.cache_errors.labels("invalidate").inc()
+        left_out = self._throttle.allow("invalidate")
+        if left_out is not None:
+            logger.error(
+                "cache invalidation of channel %d failed (%s; %d more not logged since the"
+                " last line); its entry may be stale for up to HERALD_CACHE_TTL_S",
+                channel_id,
+                why,
+                left_out,
+            )
 
     # -- token → user ------------------------------------------------------------------
     async def credential_for(self, token_hash: bytes) -> Credential | None:
         """The cached credential of a token's sha256, or None (miss, caching off, or the
         token expired since it was stored)."""
-        if not self.enabled:
+        if not self.enabled or not self._usable():
             return None
         try:
             raw = await self.redis.get(user_token_cache_key(token_hash.hex()))
         except RedisError as exc:
             self._error("read", exc)
             return None
+        self._ok()
         if raw is None:
             self._miss("user")
             return None
@@ -348,7 +396,7 @@ class MetadataCache:
     async def remember_credential(self, token_hash: bytes, cred: Credential) -> None:
         """Cache a successful token lookup (by the token's sha256) for ``user_ttl_s``,
         or until the token expires if that is sooner."""
-        if not self.enabled:
+        if not self.enabled or not self._usable():
             return
         ttl_ms = int(self.user_ttl_s * 1000)
         if cred.expires_at is not None:
@@ -400,4 +448,6 @@ class MetadataCache:
                 "hit_ratio": ratio(c["user_hits"], c["user_misses"]),
             },
             "errors": c["errors"],
+            "bypassed": c["bypassed"],
+            "breaker": self.breaker.state,
         }

@@ -83,6 +83,28 @@ class RetryLater(HeraldError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class BackendUnavailable(RetryLater):
+    """PostgreSQL (or a Redis the request cannot do without) did not answer within
+    HERALD_BACKEND_TIMEOUT_S, or refused the connection: the request was fine."""
+
+    code = "service_unavailable"
+
+    def __init__(
+        self,
+        message: str = "a backing service is unavailable; retry shortly",
+        *,
+        retry_after: int = 5,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class InsufficientStorage(HeraldError):
+    """The upload directory is full, over quota, read-only or not writable."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class CronDisabled(HeraldError):
     """The cron routes without a configured ``CRON_SECRET``."""
 
@@ -106,6 +128,7 @@ STATUS_CODES: dict[int, str] = {
         ValidationError,
         TooManyRequests,
         RetryLater,
+        InsufficientStorage,
     )
 }
 

@@ -12,6 +12,10 @@ import logging
 import time
 from contextvars import ContextVar
 
+# Repeated failures of one kind during an outage (a publish, a cache read, the database)
+# are logged at most once per this many seconds, with the count of those left out.
+FAILURE_LOG_INTERVAL_S = 10.0
+
 REQUEST_ID: ContextVar[str | None] = ContextVar("herald_request_id", default=None)
 
 

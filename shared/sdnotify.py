@@ -77,6 +77,11 @@ class Notifier:
         """``READY=1``, and the watchdog pings begin: systemd arms its watchdog timer
         at READY, so a slow start-up (a database still coming up) is not a stall."""
         self.send("READY=1", f"STATUS={status}")
+        self.start_watchdog()
+
+    def start_watchdog(self) -> None:
+        """Begin the pings now (idempotent): a process that waits for its backends
+        before READY is alive, not stalled (systemd ignores pings before READY)."""
         interval = self.watchdog_interval_s
         if interval is not None and self._watchdog is None:
             self._watchdog = asyncio.create_task(self._ping(interval), name="systemd-watchdog")

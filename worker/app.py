@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from signal import Signals
 from typing import Any
 
 from arq import Worker
 from arq.cron import CronJob
 from arq.worker import Function
-from redis.exceptions import RedisError
 
-from shared.bus import arq_settings, close_redis, close_sentinels, redis_client
+from shared.bus import arq_settings, close_redis, redis_client
 from shared.constants import HEALTH_CHECK_INTERVAL_S, QUEUE_NAME, WORKER_HEALTH_KEY
-from shared.entry import configure_logging, describe, run_command
+from shared.entry import configure_logging, run_command
 from shared.eventloop import run as run_on_loop
 from shared.metrics import Metrics
 from shared.sdnotify import Notifier
@@ -26,14 +24,11 @@ from worker.context import CTX_KEY, close_context, open_context
 from worker.jobs.attachments import attachment_cron_jobs, attachment_functions
 from worker.jobs.delayed import delayed_cron_jobs, delayed_functions
 from worker.observe import ObserveServer
+from worker.supervisor import Supervisor, WorkerRef
 
 logger = logging.getLogger(__name__)
 
 JOB_COMPLETION_WAIT_S = 10
-# Waits between attempts to resume after Redis was lost: doubling from the first.
-RESUME_FIRST_S, RESUME_MAX_S = 0.2, 5.0
-# In arq's ctx: how often on_startup ran, i.e. arq's loop reached Redis and started.
-STARTS_KEY = "herald_starts"
 
 
 async def ping(ctx: dict[str, Any], seconds: float = 0.0) -> str:
@@ -74,21 +69,19 @@ def build_worker(
     *,
     notifier: Notifier | None = None,
     metrics: Metrics | None = None,
+    on_connected: Callable[[], None] | None = None,
     **overrides: Any,
 ) -> Worker:
-    """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc."""
+    """A Worker for ``settings``; tests pass ``burst=True, handle_signals=False`` etc.
+    ``on_connected`` is called once the run's Redis and PostgreSQL answered."""
     notifier = notifier or Notifier()
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        # arq runs this each time its main loop starts, and run_worker restarts that
-        # loop after a lost Redis: the context opened the first time is kept.
-        ctx[STARTS_KEY] = ctx.get(STARTS_KEY, 0) + 1
-        if CTX_KEY in ctx:
-            logger.info("worker resumed")
-            return
         # arq put its own pool in ctx["redis"]: the services enqueue through that one.
         ctx[CTX_KEY] = await open_context(settings, metrics, arq=ctx["redis"])
         logger.info("worker started")
+        if on_connected is not None:
+            on_connected()
         # arq has connected to Redis and runs this last before polling the queue.
         notifier.ready("connected, taking jobs")
 
@@ -120,62 +113,32 @@ def build_worker(
     return NotifyingWorker(notifier=notifier, **kwargs)
 
 
-async def run_until_stopped(worker: Worker) -> None:
-    """arq's main loop, resumed whenever it ends on a lost Redis, until a signal stops
-    it (or a burst ends). arq 0.28's ``async_run()`` raises the connection error and has
-    no retry of its own; its pool reconnects on the next command — through the
-    Sentinels, when set, to whichever master they name by then (a failover)."""
-    stopped = asyncio.Event()
-    # arq calls on_stop last in both of its signal handlers (cancel now, or after the
-    # running jobs had their JOB_COMPLETION_WAIT_S): from then on, nothing resumes.
-    worker.on_stop = lambda _signum: stopped.set()
-    delay = RESUME_FIRST_S
-    lost = False
-    while True:
-        starts = worker.ctx.get(STARTS_KEY, 0)
-        try:
-            await worker.async_run()
-            return
-        except (RedisError, OSError) as exc:
-            if stopped.is_set():
-                return
-            if worker.ctx.get(STARTS_KEY, 0) > starts:
-                lost, delay = False, RESUME_FIRST_S  # it had been running: a new outage
-            if not lost:  # one line per outage, not one per attempt
-                logger.warning("worker lost Redis (%s); resuming when it answers", describe(exc))
-                lost = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await stopped.wait()
-        if stopped.is_set():
-            return
-        delay = min(delay * 2, RESUME_MAX_S)
-
-
 async def run_worker(settings: Settings, **overrides: Any) -> None:
-    """Run until SIGTERM/SIGINT, then close connections."""
+    """Run until SIGTERM/SIGINT, through any Redis or PostgreSQL outage (reconnecting
+    with backoff, worker/supervisor.py), then close every connection."""
     notifier = Notifier.from_settings(settings)
     metrics = Metrics()
-    worker = build_worker(settings, notifier=notifier, metrics=metrics, **overrides)
-    observe = await ObserveServer.start(settings, worker, metrics)  # /metrics, /health
+    supervisor: Supervisor | None = None
+
+    def connected() -> None:
+        if supervisor is not None:
+            supervisor.connected()
+
+    def make() -> Worker:
+        return build_worker(
+            settings, notifier=notifier, metrics=metrics, on_connected=connected, **overrides
+        )
+
+    ref = WorkerRef(make())
+    supervisor = Supervisor(settings, make, ref, notifier)
+    observe = await ObserveServer.start(settings, ref, metrics)  # /metrics, /health
+    notifier.start_watchdog()
     try:
-        await run_until_stopped(worker)
-    except asyncio.CancelledError:
-        pass  # arq's signal handler cancels the main task: that is a normal stop
+        await supervisor.run()
     finally:
-        # Jobs cancelled by the signal end with CancelledError; Worker.close() gathers
-        # them without return_exceptions and would re-raise it before closing anything.
-        # Collect them here first, so close() deletes the health key and closes pools.
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-        worker.tasks.clear()
-        pool = worker.pool  # arq's own; close() forgets it
-        try:
-            await worker.close()
-            await close_sentinels(pool)
-        finally:
-            if observe is not None:
-                await observe.stop()
-            await notifier.close()
+        if observe is not None:
+            await observe.stop()
+        await notifier.close()
 
 
 async def worker_alive(settings: Settings) -> bool:

@@ -46,12 +46,20 @@ async def open_context(
     metrics = metrics or Metrics()
     # The worker's statements are timed and slow ones logged, exactly as the server's.
     monitor = QueryMonitor(slow_ms=settings.slow_query_ms, metrics=metrics)
-    db = Database(await create_pool(settings.database_url, maxsize=5), monitor=monitor)
+    db = Database(
+        await create_pool(settings.database_url, maxsize=5, wait_s=settings.backend_timeout_s),
+        monitor=monitor,
+    )
     redis = redis_client(settings)
     bus = EventBus(redis, settings)
     owns_arq = arq is None
     if arq is None:
-        arq = await arq_pool(settings)
+        try:
+            arq = await arq_pool(settings)
+        except BaseException:
+            await redis.aclose()
+            await db.close()
+            raise
     return WorkerContext(
         settings=settings,
         db=db,

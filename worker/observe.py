@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from shared.metrics import Metrics
 from shared.settings import Settings
 from worker.context import CTX_KEY, WorkerContext
+from worker.supervisor import WorkerRef
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +31,18 @@ CHECK_TIMEOUT_S = 2.0
 # The health key is written every HEALTH_CHECK_INTERVAL_S (10 s); older than this is stale.
 STALE_AFTER_S = 30.0
 
-WORKER: web.AppKey[Worker] = web.AppKey("worker", Worker)
+WORKER: web.AppKey[WorkerRef] = web.AppKey("worker", WorkerRef)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 
 class ArqFigures(Collector):
     """arq's counters as Prometheus families, read from the running Worker."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, worker: Worker | WorkerRef) -> None:
+        self.ref = worker if isinstance(worker, WorkerRef) else WorkerRef(worker)
 
     def collect(self) -> list[Metric]:
-        w = self.worker
+        w = self.ref.worker
         jobs = CounterMetricFamily(
             "herald_worker_jobs", "Jobs this worker finished, by result", labels=["result"]
         )
@@ -66,10 +67,11 @@ def context(worker: Worker) -> WorkerContext | None:
     return value if isinstance(value, WorkerContext) else None
 
 
-async def _check(coro: Any) -> dict[str, Any]:
+async def _check(coro: Any, timeout_s: float) -> dict[str, Any]:
     start = time.perf_counter()
     try:
-        await asyncio.wait_for(coro, CHECK_TIMEOUT_S)
+        async with asyncio.timeout(min(CHECK_TIMEOUT_S, timeout_s)):
+            await coro
     except Exception as exc:
         # The class only: messages can carry hosts.
         return {"ok": False, "error": exc.__class__.__name__}
@@ -79,7 +81,8 @@ async def _check(coro: Any) -> dict[str, Any]:
 async def serve_health(request: web.Request) -> web.Response:
     """ok: connected, health key fresh; degraded: one backend failing; down (503): not
     started yet, or the health key is stale (the job loop is not running)."""
-    worker = request.app[WORKER]
+    ref = request.app[WORKER]
+    worker = ref.worker
     wctx = context(worker)
     last = worker._last_health_check
     age = round(time.time() - last, 3) if last else None
@@ -92,13 +95,17 @@ async def serve_health(request: web.Request) -> web.Response:
             "running": sum(not t.done() for t in worker.tasks.values()),
         },
         "health_key_age_s": age,
+        "state": ref.state,
     }
     if wctx is None:
         status = "down"
-        body["checks"] = {"started": {"ok": False, "error": "not_started"}}
+        # Not connected (yet, or again): say which, e.g. "reconnecting" in an outage.
+        reason = "not_started" if ref.state == "starting" else ref.state
+        body["checks"] = {"started": {"ok": False, "error": reason}}
     else:
+        timeout_s = wctx.settings.backend_timeout_s
         database, redis = await asyncio.gather(
-            _check(wctx.db.fetchval("SELECT 1")), _check(wctx.redis.ping())
+            _check(wctx.db.fetchval("SELECT 1"), timeout_s), _check(wctx.redis.ping(), timeout_s)
         )
         body["checks"] = {"database": database, "redis": redis}
         if wctx.db.monitor is not None:
@@ -122,9 +129,9 @@ async def serve_metrics(request: web.Request) -> web.Response:
     return resp
 
 
-def observe_app(worker: Worker, metrics: Metrics) -> web.Application:
+def observe_app(worker: Worker | WorkerRef, metrics: Metrics) -> web.Application:
     app = web.Application()
-    app[WORKER] = worker
+    app[WORKER] = worker if isinstance(worker, WorkerRef) else WorkerRef(worker)
     app[METRICS] = metrics
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/health", serve_health)
@@ -140,13 +147,15 @@ class ObserveServer:
 
     @classmethod
     async def start(
-        cls, settings: Settings, worker: Worker, metrics: Metrics
+        cls, settings: Settings, worker: Worker | WorkerRef, metrics: Metrics
     ) -> ObserveServer | None:
+        """``worker``: the Worker, or the supervisor's reference to the current one."""
         port = settings.worker_metrics_port
         if port == 0:
             return None
-        metrics.registry.register(ArqFigures(worker))
-        runner = web.AppRunner(observe_app(worker, metrics), access_log=None)
+        metrics.registry.register(figures := ArqFigures(worker))
+        ref = figures.ref
+        runner = web.AppRunner(observe_app(ref, metrics), access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, settings.host, port, reuse_address=True)

@@ -17,6 +17,7 @@ from shared.tasks import cancel_and_wait
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[BusEvent], None]
+IDLE_READ_S = 1.0
 
 
 class Hub:
@@ -50,6 +51,7 @@ class Hub:
     async def _run(self) -> None:
         delay = 0.1
         lost = False
+        me = asyncio.current_task()
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -61,15 +63,28 @@ class Hub:
                 for callback in self.on_subscribed:
                     callback()
                 delay = 0.1
-                async for raw in pubsub.listen():
-                    self.dispatch(raw.get("data"))
+                while True:
+                    # A bounded read: an idle bus is "nothing yet", not a lost
+                    # connection (the client's socket_timeout would say so to listen()).
+                    raw = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=IDLE_READ_S
+                    )
+                    if raw is not None:
+                        self.dispatch(raw.get("data"))
+                    elif me is not None and me.cancelling():
+                        # redis-py turns its read timeout into "no message" even when
+                        # our stop's cancel came at the same moment (a loop that was
+                        # not running, as between a test's set-up and teardown): honour it.
+                        raise asyncio.CancelledError
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.subscribed.clear()
                 if not lost:
                     # One line per outage, not one per attempt.
-                    logger.warning("bus subscription lost (%s); reconnecting", exc)
+                    logger.warning(
+                        "bus subscription lost (%s); reconnecting", exc.__class__.__name__
+                    )
                     lost = True
                     for callback in self.on_lost:
                         callback()

@@ -110,7 +110,12 @@ class IpLeases:
 
     async def _run(self, holders: Holders) -> None:
         next_renew = time.monotonic() + RENEW_S
+        me = asyncio.current_task()
         while True:
+            # A cancel that met the timeout's expiry comes out as TimeoutError (asyncio
+            # in 3.11), so the suppress below would swallow stop()'s cancel: see it here.
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_renew - time.monotonic())):
                     await self._wake.wait()

@@ -1,4 +1,12 @@
-"""PostgreSQL access through aiopg: the pool, a transaction helper, dict rows, timing."""
+"""PostgreSQL access through aiopg: the pool, a transaction helper, dict rows, timing.
+
+Every wait on PostgreSQL is bounded from the client side: a frozen or partitioned
+server never answers a ``statement_timeout``, so the pool's ``timeout`` (taking a
+connection, connecting, each statement) is HERALD_BACKEND_TIMEOUT_S. A statement or
+connection that times out or finds the server gone raises
+:class:`~shared.errors.BackendUnavailable` (503 with Retry-After to a client); errors
+of the statement itself (a constraint, a cancelled query) are raised as they are.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +22,14 @@ import psycopg2
 import psycopg2.extensions
 
 from shared.db.monitor import QueryMonitor
+from shared.errors import BackendUnavailable
 
 logger = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
 
-async def usable_host(dsn: str) -> str:
+async def usable_host(dsn: str, wait_s: float) -> str:
     """``dsn`` pinned to the first of its servers libpq can use, when it names several
     (``postgresql://a:5432,b:5432/herald?target_session_attrs=read-write``).
 
@@ -32,7 +41,10 @@ async def usable_host(dsn: str) -> str:
     params = psycopg2.extensions.parse_dsn(dsn)
     if "," not in params.get("host", "") + params.get("hostaddr", ""):
         return dsn
-    conn = await asyncio.to_thread(psycopg2.connect, dsn)
+    connect_timeout = max(1, int(wait_s))
+    conn: psycopg2.extensions.connection = await asyncio.to_thread(
+        psycopg2.connect, dsn, connect_timeout=connect_timeout
+    )
     try:
         host, port = conn.info.host, conn.info.port
     finally:
@@ -42,12 +54,47 @@ async def usable_host(dsn: str) -> str:
     return pinned
 
 
-async def create_pool(dsn: str, *, minsize: int = 1, maxsize: int = 10) -> aiopg.Pool:
-    """Open a pool; ``timeout`` bounds how long a caller waits for a connection."""
+DEFAULT_TIMEOUT_S = 30.0
+
+
+async def create_pool(
+    dsn: str, *, minsize: int = 1, maxsize: int = 10, wait_s: float = DEFAULT_TIMEOUT_S
+) -> aiopg.Pool:
+    """Open a pool; ``wait_s`` bounds each wait: for a pooled connection, for a new
+    connection, and for each statement (aiopg closes a connection that timed out)."""
+    # A failure here (at start-up) is raised as the driver's error: the CLI prints it
+    # (its message says which host and why), unlike a client's 503.
     pool: aiopg.Pool = await aiopg.create_pool(
-        await usable_host(dsn), minsize=minsize, maxsize=maxsize, timeout=30.0, pool_recycle=300.0
+        await usable_host(dsn, wait_s),
+        minsize=minsize,
+        maxsize=maxsize,
+        timeout=wait_s,
+        pool_recycle=300.0,
     )
     return pool
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Does ``exc`` say "PostgreSQL is not answering" rather than "this statement failed"?"""
+    if isinstance(
+        exc,
+        psycopg2.extensions.QueryCanceledError | psycopg2.extensions.TransactionRollbackError,
+    ):
+        return False
+    if isinstance(exc, TimeoutError | psycopg2.InterfaceError):
+        return True
+    if isinstance(exc, psycopg2.OperationalError):
+        # No SQLSTATE: the connection broke. 08: connection exception; 57P: the server
+        # is shutting down or starting up (admin or crash shutdown, cannot connect now).
+        code = exc.pgcode or ""
+        return code == "" or code.startswith(("08", "57P"))
+    return False
+
+
+def unavailable(exc: BaseException) -> BackendUnavailable:
+    # The class name only: driver messages carry hosts and ports.
+    what = "did not answer in time" if isinstance(exc, TimeoutError) else "is unavailable"
+    return BackendUnavailable(f"the database {what}; retry shortly")
 
 
 class Database:
@@ -62,7 +109,7 @@ class Database:
     async def transaction(self) -> AsyncIterator[Tx]:
         """A connection inside BEGIN … COMMIT (ROLLBACK on any exception)."""
         async with (
-            self.pool.acquire() as conn,
+            self._acquire() as conn,
             conn.cursor() as cur,
         ):
             # BEGIN/COMMIT go through Tx._run (not aiopg's cur.begin()) so they are timed
@@ -87,10 +134,23 @@ class Database:
     async def connection(self) -> AsyncIterator[Tx]:
         """A connection in autocommit mode: each statement commits on its own."""
         async with (
-            self.pool.acquire() as conn,
+            self._acquire() as conn,
             conn.cursor() as cur,
         ):
             yield Tx(cur, self.monitor)
+
+    @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[aiopg.Connection]:
+        try:
+            conn = await self.pool.acquire()
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise unavailable(exc) from exc
+            raise
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
 
     async def fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
         async with self.connection() as tx:
@@ -123,16 +183,18 @@ class Tx:
     async def _run(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> None:
         # The one place every statement passes through: timed here, parameters unseen.
         monitor = self.monitor
-        if monitor is None:
-            await self.cur.execute(sql, params)
-            return
         start = time.perf_counter()
         failed = True
         try:
             await self.cur.execute(sql, params)
             failed = False
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise unavailable(exc) from exc
+            raise
         finally:
-            monitor.record(sql, time.perf_counter() - start, failed=failed)
+            if monitor is not None:
+                monitor.record(sql, time.perf_counter() - start, failed=failed)
 
     async def fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
         await self._run(sql, params)

@@ -5,7 +5,9 @@ A good token from a limited address is refused too: otherwise the throttle would
 answer "right" or "wrong" to each guess, and guessing would go on at full speed.
 Cluster-wide through one Redis sorted set per address (scores: failure times); each
 process also counts on its own, which is all there is while Redis does not answer
-(each Redis call waits at most REDIS_WAIT_S, then Redis is skipped for SKIP_S).
+(each Redis call waits at most REDIS_WAIT_S, then Redis is skipped for SKIP_S, and
+the process's Redis breaker, shared with the cache and the bus, is opened: a request
+pays at most one Redis timeout in an outage, not one here and another in the cache).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import deque
 
 import redis.asyncio as aioredis
 
+from shared.breaker import CircuitBreaker
 from shared.constants import KEY_PREFIX
 from shared.metrics import Metrics
 
@@ -33,8 +36,18 @@ def failures_key(address: str) -> str:
 
 
 class AuthFailureLimiter:
-    def __init__(self, *, redis: aioredis.Redis, limit: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        limit: int,
+        metrics: Metrics,
+        breaker: CircuitBreaker | None = None,
+        wait_s: float = REDIS_WAIT_S,
+    ) -> None:
         self.redis = redis
+        self.breaker = breaker or CircuitBreaker("redis")
+        self.wait_s = min(wait_s, REDIS_WAIT_S)
         self.limit = limit
         self.metrics = metrics
         self.local: dict[str, deque[float]] = {}
@@ -62,18 +75,21 @@ class AuthFailureLimiter:
         local = self._retry_after(list(self._local_times(address, now)), now)
         if local is not None:
             return local
-        if now < self._skip_until:
+        if now < self._skip_until or not self.breaker.allow():
             return None
         try:
-            async with asyncio.timeout(REDIS_WAIT_S):
+            async with asyncio.timeout(self.wait_s):
                 key = failures_key(address)
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.zremrangebyscore(key, "-inf", now - WINDOW_S)
-                pipe.zrange(key, 0, -1, withscores=True)
-                _, members = await pipe.execute()
+                # Read-only: every request passes here, and a Redis that refuses writes
+                # (full, paused) must not hold authentication; record_failure prunes.
+                members = await self.redis.zrangebyscore(
+                    key, now - WINDOW_S, "+inf", withscores=True
+                )
         except REDIS_ERRORS:
             self._skip_until = now + SKIP_S
+            self.breaker.failure()
             return None
+        self.breaker.success()
         return self._retry_after([float(score) for _, score in members], now)
 
     async def record_failure(self, address: str) -> None:
@@ -81,14 +97,16 @@ class AuthFailureLimiter:
         now = time.time()
         self.metrics.auth_failures.inc()
         self._local_times(address, now).append(now)
-        if now < self._skip_until:
+        if now < self._skip_until or not self.breaker.allow():
             return
         try:
-            async with asyncio.timeout(REDIS_WAIT_S):
+            async with asyncio.timeout(self.wait_s):
                 key = failures_key(address)
                 pipe = self.redis.pipeline(transaction=False)
+                pipe.zremrangebyscore(key, "-inf", now - WINDOW_S)
                 pipe.zadd(key, {f"{now}:{uuid.uuid4().hex[:8]}": now})
                 pipe.expire(key, int(WINDOW_S) + 1)
                 await pipe.execute()
         except REDIS_ERRORS:
             self._skip_until = now + SKIP_S
+            self.breaker.failure()

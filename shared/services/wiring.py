@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
+from shared.breaker import CircuitBreaker
 from shared.bus import EventBus
 from shared.cache import MetadataCache
 from shared.db.pool import Database
@@ -96,9 +97,13 @@ def build_services(
     arq: ArqRedis,
     bus: EventBus,
     metrics: Metrics,
+    breaker: CircuitBreaker | None = None,
 ) -> Services:
-    """Every service, wired from the process's open resources."""
-    cache = MetadataCache(redis=redis, settings=settings, metrics=metrics)
+    """Every service, wired from the process's open resources; ``breaker`` is the
+    process's Redis breaker (the bus's unless given), shared by the cache."""
+    cache = MetadataCache(
+        redis=redis, settings=settings, metrics=metrics, breaker=breaker or bus.breaker
+    )
     audit = AuditTrail(db=db)
     stats = QueueStats(db=db, redis=redis, settings=settings, metrics=metrics)
     # One per process: the observe-only log lines are throttled per rule across services.

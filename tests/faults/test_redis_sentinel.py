@@ -159,7 +159,7 @@ async def failover(env, server, worker, redis, token, db, tmp_path):
         assert proc.proc.poll() is None, proc.text()
         assert "Traceback" not in proc.text(), proc.text()
     assert f"Redis master 'herald' is now 127.0.0.1:{new_master}" in server.text()
-    assert "worker resumed" in worker.text()
+    assert "worker reconnected after" in worker.text()
 
 
 async def test_unreachable_sentinels_one_clean_line(database_url, tmp_path):

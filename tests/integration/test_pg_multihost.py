@@ -74,4 +74,4 @@ async def test_multi_host_dsn_is_accepted_connects_and_migrates(
 
 async def test_a_single_host_dsn_is_left_as_it_is() -> None:
     for dsn in ("postgresql://u@db:5432/herald", "postgresql:///herald", "dbname=herald"):
-        assert await usable_host(dsn) == dsn
+        assert await usable_host(dsn, 5.0) == dsn

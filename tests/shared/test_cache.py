@@ -387,7 +387,10 @@ async def test_redis_down_falls_back_to_the_database(
         await cache.remember_credential(b"\x00" * 32, Credential(User(1, "m", False), 1))
         assert not await cache.forget_credentials([b"\x00" * 32])
         await cache.invalidate_channel(8)  # logged, not raised
-        assert cache.counts["errors"] >= 5
+        # The first failure opens the breaker: the rest skip Redis without waiting on it.
+        assert cache.counts["errors"] >= 2
+        assert cache.counts["bypassed"] >= 3
+        assert cache.stats()["breaker"] == "open"
         assert any("invalidation of channel 8 failed" in r.getMessage() for r in caplog.records)
     finally:
         await dead.aclose()

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import aiofiles
 
+from shared.errors import InsufficientStorage
+
 logger = logging.getLogger(__name__)
 
 TEMP_DIR = ".tmp"
@@ -31,11 +33,27 @@ TEMP_SUFFIX = ".part"
 STALE_TEMP_S = 86_400
 MAX_KEY_LEN = 1024
 
+# A write refused for want of room or permission: the upload directory's problem, an
+# operator's to fix, never the client's (507, see insufficient_storage()).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class PathRejected(Exception):
     """A stored key that must not be touched: outside the root, a symlink, not a file."""
+
+
+def insufficient_storage(exc: OSError) -> InsufficientStorage | None:
+    """The domain error for a write the upload directory refused, else None."""
+    if exc.errno not in STORAGE_ERRNOS:
+        return None
+    logger.error(
+        "upload directory refused a write (%s): %s",
+        errno.errorcode.get(exc.errno or 0, "?"),
+        exc.strerror,
+    )
+    return InsufficientStorage("the server cannot store this file now; retry later")
 
 
 class TooLarge(Exception):
@@ -174,7 +192,17 @@ class Storage:
 
     async def write_temp(self, chunks: AsyncIterable[bytes], max_bytes: int) -> TempFile:
         """Stream ``chunks`` into a new temporary file, hashing as it goes, and fsync it.
-        Over ``max_bytes`` → :class:`TooLarge`; on any error no file is left behind."""
+        Over ``max_bytes`` → :class:`TooLarge`; full, read-only or not writable →
+        :class:`InsufficientStorage`; on any error no file is left behind."""
+        try:
+            return await self._write_temp(chunks, max_bytes)
+        except OSError as exc:
+            mapped = insufficient_storage(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    async def _write_temp(self, chunks: AsyncIterable[bytes], max_bytes: int) -> TempFile:
         await asyncio.to_thread(self.ensure)
         path = self.temp_dir / f"{secrets.token_hex(16)}{TEMP_SUFFIX}"
         digest = hashlib.sha256()
@@ -203,7 +231,17 @@ class Storage:
             logger.exception("could not remove temporary upload %s", path.name)
 
     def place(self, temp: Path, key: str) -> None:
-        """Rename a finished temporary file to its key (same filesystem: atomic)."""
+        """Rename a finished temporary file to its key (same filesystem: atomic); a
+        folder that cannot be made → :class:`InsufficientStorage`."""
+        try:
+            self._place(temp, key)
+        except OSError as exc:
+            mapped = insufficient_storage(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def _place(self, temp: Path, key: str) -> None:
         parts = split_key(key)
         self.root.joinpath(*parts[:-1]).mkdir(parents=True, exist_ok=True)
         with self._parent_fd(parts) as dir_fd:

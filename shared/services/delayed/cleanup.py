@@ -18,6 +18,7 @@ from typing import Any
 import psycopg2
 
 from shared.db.pool import Database
+from shared.errors import BackendUnavailable
 from shared.models import iso
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class CleanupService:
             if original is None:
                 raise
             error = describe_error(original)
-        except (psycopg2.Error, OSError, TimeoutError) as exc:
+        except (psycopg2.Error, OSError, TimeoutError, BackendUnavailable) as exc:
             error = describe_error(exc)
         if error is not None:
             logger.error(

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from shared.constants import QUEUE_ALERT_KEY, QUEUE_MAX_SEEN_KEY, QUEUE_SAMPLES_KEY
 from shared.db.pool import Database
+from shared.logcontext import FAILURE_LOG_INTERVAL_S, Throttle
 from shared.metrics import Metrics
 from shared.services.delayed.cleanup import cleanup_summary
 from shared.settings import Settings
@@ -63,6 +64,7 @@ class QueueStats:
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
+        self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
 
     async def pending_count(self) -> int:
         """Pending delayed messages, all users (index-only scan of the due index)."""
@@ -123,7 +125,13 @@ class QueueStats:
             max_seen = int(seen or 0)
         except (RedisError, OSError) as exc:
             history_ok = False
-            logger.warning("queue history unavailable: %s", exc.__class__.__name__)
+            left_out = self._throttle.allow("history")
+            if left_out is not None:
+                logger.warning(
+                    "queue history unavailable: %s (%d more not logged since the last line)",
+                    exc.__class__.__name__,
+                    left_out,
+                )
         avg = sum(s for _, s in samples) / len(samples) if samples else float(size)
         section: dict[str, Any] = {
             "size": size,
