@@ -1,10 +1,13 @@
-"""The event loop the daemons run on: uvloop where it is installed, unless turned off.
+"""The event loop the daemons run on: asyncio's standard loop, or uvloop with
+``HERALD_UVLOOP=1`` where it is installed.
 
 uvloop (libuv under asyncio's API) measured 10-15 % lower fan-out time at 10,000 streams
 and 5-10 % less CPU per delivery than the standard selector loop, for about 0.4 KB more
-per stream (docs/performance.md). ``HERALD_UVLOOP=0`` runs the standard loop: the way
-back if a library ever misbehaves on uvloop. Only ``herald serve`` and ``herald worker``
-use this; one-shot commands and the tests keep asyncio's default loop.
+per stream (docs/performance.md). It is off by default because aiopg misbehaves on it
+once PostgreSQL stops answering: after a statement timeout closes a connection, a new
+connection that reuses the descriptor meets uvloop's closed poll handle and the request
+fails with a RuntimeError (500) instead of a 503. Only ``herald serve`` and ``herald
+worker`` use this; one-shot commands and the tests keep asyncio's default loop.
 """
 
 from __future__ import annotations

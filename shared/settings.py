@@ -381,7 +381,7 @@ class Settings:
     auth_fail_limit: int = 20
     observe_only: frozenset[str] = field(default_factory=frozenset)
     web_app: bool = False
-    uvloop: bool = True
+    uvloop: bool = False
     # Server processes `herald serve` runs (0: one per CPU core); see server/supervisor.py.
     processes: int = 1
     # Set by the supervisor in each server process it starts (0, 1, ...), not
@@ -458,7 +458,7 @@ class Settings:
             auth_fail_limit=_int(e, "HERALD_AUTH_FAIL_LIMIT", 20, minimum=1),
             observe_only=_rules(e, "HERALD_OBSERVE_ONLY"),
             web_app=_bool(e, "HERALD_WEB_APP", False),
-            uvloop=_bool(e, "HERALD_UVLOOP", True),
+            uvloop=_bool(e, "HERALD_UVLOOP", False),
             processes=_processes(e),
             process_index=_process_index(process_env),
             notify_socket=_notify_socket(process_env),

@@ -118,7 +118,7 @@ async def test_two_processes_share_the_port_deliver_across_restart_and_drain(
 ) -> None:
     _, token = await UserService(db=db).create("alice")
     auth = f"Authorization: Bearer {token}\r\n"
-    serve = await start(settings, tmp_path, "--processes", "2")
+    serve = await start(settings, tmp_path, "--processes", "2", HERALD_UVLOOP="1")
     try:
         await wait_for(lambda: serve.found(SERVING), 30, f"serving: {serve.text()}")
         children = serve.found(LISTENING)
@@ -192,10 +192,10 @@ async def test_two_processes_share_the_port_deliver_across_restart_and_drain(
             await serve.proc.wait()
 
 
-async def test_uvloop_off_runs_the_standard_loop(
+async def test_by_default_the_standard_loop_runs(
     settings: Settings, db: Database, tmp_path: Path
 ) -> None:
-    serve = await start(settings, tmp_path, HERALD_UVLOOP="0")
+    serve = await start(settings, tmp_path)
     try:
         await wait_for(lambda: serve.found(LISTENING), 30, f"listening: {serve.text()}")
         (found,) = serve.found(LISTENING)

@@ -38,7 +38,7 @@ DEFAULTS = {
     "log_level": "info",
     "worker_metrics_port": 9091,
     "web_app": False,
-    "uvloop": True,
+    "uvloop": False,
     "processes": 1,
     "process_index": None,
     "redis_sentinels": (),
