@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from shared.settings import Settings
+from tests.cli_helpers import subprocess_env
 from tests.conftest import _admin, _dsn
 from tests.helpers import wait_for
 
@@ -43,22 +44,7 @@ class Result:
 
 @pytest.fixture
 def env(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    """The child's environment: the test DB and Redis, no stray HERALD_* settings."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HERALD_", "CRON_", "DATABASE_", "REDIS_", "PYTEST_", "COV_"))
-    }
-    return {
-        **base,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "HERALD_UPLOAD_DIR": str(tmp_path / "uploads"),
-        "PYTHONUNBUFFERED": "1",
-        # A loaded CI machine makes start-up statements "slow"; their warning lines would
-        # break the one-line-error checks, which are about the error, not the timing.
-        "HERALD_SLOW_QUERY_MS": "60000",
-    }
+    return subprocess_env(settings, tmp_path)
 
 
 async def run(

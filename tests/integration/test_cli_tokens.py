@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from server.keys import USERS
 from shared.services.users import hash_token
 from shared.settings import Settings
+from tests.cli_helpers import subprocess_env
 from tests.helpers import API
 
 HERALD = str(Path(sys.executable).parent / "herald")
@@ -38,17 +39,7 @@ class Result:
 
 @pytest.fixture
 def env(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HERALD_", "CRON_", "DATABASE_", "REDIS_", "PYTEST_", "COV_"))
-    }
-    return {
-        **base,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "HERALD_UPLOAD_DIR": str(tmp_path / "uploads"),
-    }
+    return subprocess_env(settings, tmp_path)
 
 
 async def herald(env: dict[str, str], cwd: Path, *args: str, **extra: str) -> Result:
