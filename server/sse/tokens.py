@@ -130,6 +130,10 @@ class TokenWatch:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The stop's cancel became a timeout inside the sweep: still a stop.
+                    raise asyncio.CancelledError from exc
                 # The bus still closes revoked tokens' streams meanwhile; one line per
                 # outage, not one per second.
                 if not self.failing:

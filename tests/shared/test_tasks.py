@@ -45,3 +45,26 @@ async def test_the_callers_own_cancellation_is_not_swallowed():
         await stopper
     inner.cancel()
     await asyncio.wait([inner])
+
+
+async def test_a_task_that_loses_a_cancel_gets_another(monkeypatch):
+    """As when a library turns the stop's cancel into its own timeout and the loop goes
+    on: the next cancel, a moment later, ends it; the owner's shutdown does not hang."""
+    monkeypatch.setattr("shared.tasks.RECANCEL_S", 0.05)
+    swallowed = 0
+
+    async def loses_one() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1  # the first cancel is lost, as in the library case
+
+    task = asyncio.create_task(loses_one())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task)
+    assert task.cancelled() and swallowed == 1
