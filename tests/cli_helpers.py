@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from shared.settings import Settings
 
 
@@ -25,3 +27,14 @@ def subprocess_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
         # break the one-line-error checks, which are about the error, not the timing.
         "HERALD_SLOW_QUERY_MS": "60000",
     }
+
+
+def use_in_process(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For ``herald.cli.main()`` called in this process: the same settings as
+    :func:`subprocess_env` gives a child, from the real environment, in ``tmp_path``."""
+    for key in list(os.environ):
+        if key.startswith(("HERALD_", "CRON_", "DATABASE_", "REDIS_")):
+            monkeypatch.delenv(key)
+    for key in ("DATABASE_URL", "REDIS_URL", "HERALD_UPLOAD_DIR"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.chdir(tmp_path)

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from shared.settings import Settings
-from tests.cli_helpers import subprocess_env
+from tests.cli_helpers import subprocess_env, use_in_process
 from tests.conftest import _admin, _dsn
 from tests.helpers import wait_for
 
@@ -339,12 +339,7 @@ async def test_serve_that_fails_to_start_closes_what_it_opened(settings: Setting
 
 @pytest.fixture
 def cli_env(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("HERALD_", "CRON_", "DATABASE_", "REDIS_")):
-            monkeypatch.delenv(key)
-    for key in ("DATABASE_URL", "REDIS_URL", "HERALD_UPLOAD_DIR"):
-        monkeypatch.setenv(key, env[key])
-    monkeypatch.chdir(tmp_path)
+    use_in_process(env, tmp_path, monkeypatch)
 
 
 def test_main_in_process(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:

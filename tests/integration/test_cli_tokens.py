@@ -4,7 +4,6 @@ hostile inputs): output, exit codes, one-line errors, and what the server then s
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from server.keys import USERS
 from shared.services.users import hash_token
 from shared.settings import Settings
-from tests.cli_helpers import subprocess_env
+from tests.cli_helpers import subprocess_env, use_in_process
 from tests.helpers import API
 
 HERALD = str(Path(sys.executable).parent / "herald")
@@ -179,12 +178,7 @@ async def test_revoke_with_redis_unreachable_still_revokes(
 
 @pytest.fixture
 def cli_env(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("HERALD_", "CRON_", "DATABASE_", "REDIS_")):
-            monkeypatch.delenv(key)
-    for key in ("DATABASE_URL", "REDIS_URL", "HERALD_UPLOAD_DIR"):
-        monkeypatch.setenv(key, env[key])
-    monkeypatch.chdir(tmp_path)
+    use_in_process(env, tmp_path, monkeypatch)
 
 
 HOSTILE_NAMES = [
