@@ -11,6 +11,10 @@
   (aiohttp's ``handle_error`` answers plain text that echoes the bad bytes).
 - Every request gets an id (``X-Request-ID`` from a trusted proxy if well formed, else
   made here), set before the request's task starts so its log lines carry it.
+- A live SSE stream takes its connection over (``hand_over``): aiohttp's per-connection
+  state (parser, request, response, the connection's task: about 7 KB) is freed while
+  the stream lives on, on its bare transport, under a ``HandedOver`` protocol. Such a
+  connection still counts against the cap until it ends.
 """
 
 from __future__ import annotations
@@ -127,6 +131,10 @@ class HeraldRequestHandler(RequestHandler):
         super().connection_made(transport)
         self._arm_header_timer()
 
+    @property
+    def web_server(self) -> Server | None:
+        return self._manager
+
     def _arm_header_timer(self) -> None:
         self._header_handle = self._loop.call_later(self._header_timeout, self._header_expired)
 
@@ -192,6 +200,47 @@ class HeraldRequestHandler(RequestHandler):
         return resp
 
 
+class HandedOver(asyncio.Protocol):
+    """What holds a connection after ``hand_over``: subclasses say what its reads and
+    its end mean (``lost``); the connection cap counts it until then."""
+
+    __slots__ = ("server",)
+
+    def __init__(self) -> None:
+        self.server: HeraldWebServer | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.handed_over -= 1
+        self.lost(exc)
+
+    def lost(self, exc: BaseException | None) -> None:
+        """The connection ended (``exc``: why, if it broke)."""
+
+
+def hand_over(handler: RequestHandler, protocol: HandedOver) -> asyncio.Transport | None:
+    """Give ``handler``'s connection to ``protocol`` for good and let aiohttp forget it,
+    or None if it is already closing. Called from a response's ``write_eof``, after
+    the response head and body so far were written: aiohttp then ends the request as
+    if the peer had left (it writes and closes nothing more), and its objects for this
+    connection are freed once the request's task returns. Public attributes only
+    (``transport``, ``connection_lost``), so any aiohttp server's handler will do; ours
+    also keep the connection counted against the cap."""
+    transport = handler.transport
+    if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        return None
+    if isinstance(handler, HeraldRequestHandler) and isinstance(
+        server := handler.web_server, HeraldWebServer
+    ):
+        protocol.server = server
+        server.handed_over += 1
+    transport.set_protocol(protocol)
+    handler.transport = None  # aiohttp's teardown below must not close it
+    handler.connection_lost(None)
+    return transport
+
+
 class HeraldWebServer(Server):
     """aiohttp's connection factory, making HeraldRequestHandlers and request ids."""
 
@@ -209,13 +258,15 @@ class HeraldWebServer(Server):
         self.refused_total = 0
         self.header_timeouts_total = 0
         self.unparsable_total = 0
+        # Connections handed over (live SSE streams) and not yet ended.
+        self.handed_over = 0
         self._last_refusal_log = 0.0
         self._make_base_request = base.request_factory
         self.request_factory = self._make_request_with_id
 
     @property
     def open_connections(self) -> int:
-        return len(self._connections)
+        return len(self._connections) + self.handed_over
 
     def should_log_refusal(self) -> bool:
         """At most one line per second about refused connections."""

@@ -9,7 +9,11 @@ Memory per idle stream is the figure that limits a process (docs/sse.md), so the
 handler does not stay suspended for the stream's life: it sets the stream up (ready,
 replay, live) and returns the response. aiohttp then calls the response's
 ``write_eof``, which is where the stream waits for its end; the middlewares' and the
-handler's frames (and the request's query scope) are freed while it waits.
+handler's frames (and the request's query scope) are freed. A stream that went live
+then takes its connection over (``hand_over``, server/protocol.py): aiohttp forgets the
+connection and frees its request, response, parser and tasks, and the stream lives on
+its transport alone, under ``StreamConnection``; the manager ends it (server/sse/).
+A stream closed before it went live ends through aiohttp as any response does.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import logging
 import socket
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -28,6 +33,7 @@ from server.clientip import client_ip
 from server.keys import CHANNELS, MESSAGES, SETTINGS, STREAMS
 from server.middlewares import current_credential, current_user
 from server.params import path_id
+from server.protocol import HandedOver, hand_over
 from server.sse import frames
 from server.sse.cursor import Cursor
 from server.sse.manager import StreamManager
@@ -75,11 +81,13 @@ class EventStream(EventSourceResponse):
         self.force_close()
         self._stream: Stream | None = stream
         self._manager = manager
+        self._protocol: Any = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return self._payload_writer
         set_tcp_user_timeout(request, self._stream)
+        self._protocol = request.protocol
         writer = await web.StreamResponse.prepare(self, request)
         # The headers are serialised by now; the multidict (about 1 KB with its keys
         # and values) would otherwise live as long as the stream.
@@ -88,6 +96,9 @@ class EventStream(EventSourceResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         stream, self._stream = self._stream, None
+        protocol, self._protocol = self._protocol, None
+        if stream is not None and self.hand_over(stream, protocol):
+            return  # the body goes on; aiohttp writes nothing more
         if stream is not None:
             try:
                 await stream.done
@@ -101,6 +112,15 @@ class EventStream(EventSourceResponse):
                 self.release(stream)
         await super().write_eof(data)
 
+    def hand_over(self, stream: Stream, protocol: Any) -> bool:
+        """A live stream takes its connection from aiohttp (see the module docstring)."""
+        if stream.close_reason is not None or protocol is None:
+            return False
+        if hand_over(protocol, StreamConnection(stream, self._manager)) is None:
+            return False
+        stream.detach()
+        return True
+
     def end_setup_failed(self) -> None:
         """The handler did not hand the stream over: forget it now."""
         stream, self._stream = self._stream, None
@@ -110,6 +130,29 @@ class EventStream(EventSourceResponse):
     def release(self, stream: Stream) -> None:
         self._manager.unregister(stream)
         logger.debug("SSE %s ended: %s", stream.id, stream.close_reason or "gone")
+
+
+class StreamConnection(HandedOver):
+    """A live stream's connection once aiohttp let it go: the peer sends nothing that
+    matters (more than READ_LIMIT bytes ends the stream), and its end is the stream's."""
+
+    __slots__ = ("manager", "received", "stream")
+    READ_LIMIT = 65536
+
+    def __init__(self, stream: Stream, manager: StreamManager) -> None:
+        super().__init__()
+        self.stream = stream
+        self.manager = manager
+        self.received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.READ_LIMIT:
+            self.stream.abort()
+
+    def lost(self, exc: BaseException | None) -> None:
+        self.manager.gone(self.stream)
+        logger.debug("SSE %s ended: %s", self.stream.id, self.stream.close_reason or "gone")
 
 
 # How often a stream closed as stale or slow checks whether its close event left.
@@ -272,6 +315,7 @@ async def finish(stream: Stream, response: web.StreamResponse, manager: StreamMa
     """End the response after a close: the ``close`` event (if SETUP did not let the
     manager write it), the end of the body, and for a reader that stopped reading, a
     bounded wait for it to take that before the connection is dropped."""
+    stream.flush()  # anything still queued goes before aiohttp writes again
     if stream.close_reason is None or stream.is_gone():
         return  # the peer is gone
     if stream.state != CLOSING:

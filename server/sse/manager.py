@@ -29,6 +29,7 @@ from server.sse.stream import (
     SETUP,
     WRITTEN,
     Batch,
+    Outbox,
     Stream,
     new_stream_id,
 )
@@ -100,6 +101,7 @@ class StreamManager:
         self.settings = settings
         self.metrics = metrics
         self.streams: dict[str, Stream] = {}
+        self.outbox = Outbox()
         self.by_channel: dict[int, set[Stream]] = {}
         self.by_ip: dict[str, set[Stream]] = {}
         self.by_user: dict[int, set[Stream]] = {}
@@ -227,6 +229,7 @@ class StreamManager:
             user_id=user_id,
             ip=ip,
             transport=transport,
+            outbox=self.outbox,
             kind=kind,
             now=now,
             stream_id=stream_id,
@@ -567,6 +570,8 @@ class StreamManager:
             else:
                 self.gone(stream)
                 return
+            if stream.detached:
+                stream.end_body()  # no handler left to end it
         stream.wake()
 
     def close_frame(self, stream: Stream) -> Frame:
@@ -790,6 +795,8 @@ class StreamManager:
                 if now >= s.closing_deadline:
                     logger.info("SSE %s: dropping, close event not taken in time", s.id)
                     s.abort()
+                elif s.detached:
+                    s.close_if_flushed()
                 continue
             if s.dirty:
                 pending = s.pending()
@@ -817,6 +824,7 @@ class StreamManager:
                 s.next_heartbeat += heartbeat_s
                 if s.next_heartbeat <= now:  # the loop was stalled: no burst to catch up
                     s.next_heartbeat = now + heartbeat_s
+        self.outbox.flush()  # the heartbeats now, each with what else was queued
         self.sent.inc("heartbeat", beats)
 
     def mark_stale(self, stream: Stream) -> None:

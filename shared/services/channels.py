@@ -10,7 +10,6 @@ import psycopg2.errors
 
 from shared.bus import EventBus
 from shared.cache import ChannelEntry, MetadataCache
-from shared.constants import channel_post_lock
 from shared.db.pool import Database, Row, Tx
 from shared.errors import Conflict, Forbidden, NotFound, ValidationError
 from shared.models import User, channel_json, iso, may_see_channel
@@ -114,22 +113,16 @@ def listing_json(row: Row) -> dict[str, Any]:
     return out
 
 
-async def visible_channel(
-    tx: Tx, user: User, channel_id: int, *, lock: bool = False, post_lock: bool = False
-) -> Row:
+async def visible_channel(tx: Tx, user: User, channel_id: int, *, lock: bool = False) -> Row:
     """The channel row plus ``is_member``; 404 when it does not exist or is private to
-    others (its existence is not leaked). ``post_lock`` also takes the channel's posting
-    lock in the same statement (one round trip less for a post; see insert_message)."""
-    # Evaluated once, for the one row, when the channel exists; a statement after this
-    # one (the INSERT reading prev_id) runs with the lock held.
-    take = ", pg_advisory_xact_lock(%s, %s)::text AS post_lock" if post_lock else ""
-    keys = channel_post_lock(channel_id) if post_lock else ()
+    others (its existence is not leaked). Posting checks the same rule inside
+    PostgreSQL (``herald_post_message``, migration 0009)."""
     row = await tx.fetchrow(
-        f"SELECT {CHANNEL_COLUMNS}, (m.user_id IS NOT NULL) AS is_member{take}"
+        f"SELECT {CHANNEL_COLUMNS}, (m.user_id IS NOT NULL) AS is_member"
         " FROM channels c LEFT JOIN channel_members m"
         "   ON m.channel_id = c.id AND m.user_id = %s"
         " WHERE c.id = %s" + (" FOR UPDATE OF c" if lock else ""),
-        (*keys, user.id, channel_id),
+        (user.id, channel_id),
     )
     if row is None or not may_see_channel(
         user, is_private=row["is_private"], is_member=row["is_member"]

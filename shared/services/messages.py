@@ -44,40 +44,27 @@ def posted(row: Row) -> Posted:
 
 
 async def insert_message(
-    tx: Tx, channel_id: int, author_id: int, body: str, *, locked: bool = False
+    db: Database | Tx, channel_id: int, author_id: int, body: str, *, is_admin: bool = False
 ) -> Posted:
-    """Store a message in the caller's transaction (also used by delayed delivery);
-    ``locked``: this transaction already holds the channel's posting lock."""
-    # Posts into one channel are serialised until COMMIT, so ids commit in id order. Without
-    # it, a client replaying "everything after id N" between two concurrent commits could
-    # see N+2 committed, move past it, and never get N+1 (a gap in Last-Event-ID replay).
-    if not locked:
-        await tx.execute("SELECT pg_advisory_xact_lock(%s, %s)", channel_post_lock(channel_id))
+    """Store a message in one statement and one round trip (migration 0009's
+    ``herald_post_message``): visibility, the channel's posting lock, the INSERT with its
+    ``prev_id``, the author's read mark. Given the Database it commits on its own, so
+    the posting lock is held only while PostgreSQL works; given a Tx, until its COMMIT.
+    404 when the channel does not exist or the author may not see it."""
+    # Posts into one channel are serialised until COMMIT, so ids commit in id order.
+    # Without it, a client replaying "everything after id N" between two concurrent
+    # commits could see N+2 committed, move past it, and never get N+1.
     try:
-        row = await tx.fetchrow(
-            # prev_id is read under the lock, so it is the channel's newest committed id.
-            "WITH m AS (INSERT INTO messages (channel_id, author_id, body, prev_id)"
-            "  VALUES (%s, %s, %s,"
-            "   (SELECT COALESCE(max(id), 0) FROM messages WHERE channel_id = %s))"
-            "  RETURNING *)"
-            f" SELECT {FEED_COLUMNS} FROM m JOIN users u ON u.id = m.author_id",
-            (channel_id, author_id, body, channel_id),
+        row = await db.fetchrow(
+            "SELECT * FROM herald_post_message(%s, %s, %s, %s, %s, %s)",
+            (channel_id, author_id, is_admin, body, *channel_post_lock(channel_id)),
         )
     except psycopg2.errors.ForeignKeyViolation:
-        # The channel was deleted after the caller saw it (a concurrent DELETE committed
-        # in between): the same answer as if the delete had come first.
-        raise NotFound("channel not found", code="channel_not_found") from None
-    assert row is not None
-    # The author has read what they wrote. Its own statement, after the INSERT: folded
-    # into the INSERT as a CTE it would lock the membership row before the foreign-key
-    # check (run at the statement's end) waits on a concurrent channel DELETE's row
-    # lock, while that DELETE's cascade waits on the membership row: a deadlock
-    # (test_posting_while_the_channel_is_deleted).
-    await tx.execute(
-        "UPDATE channel_members SET last_read_message_id = %s"
-        " WHERE channel_id = %s AND user_id = %s AND last_read_message_id < %s",
-        (row["id"], channel_id, author_id, row["id"]),
-    )
+        # The channel was deleted after the function saw it (a concurrent DELETE
+        # committed in between): the same answer as if the delete had come first.
+        row = None
+    if row is None:
+        raise NotFound("channel not found", code="channel_not_found")
     return posted(row)
 
 
@@ -143,9 +130,7 @@ class MessageService:
 
     async def post(self, user: User, channel_id: int, body: str) -> MessageJson:
         """Store the message, commit, then publish it to every server process."""
-        async with self.db.transaction() as tx:
-            await visible_channel(tx, user, channel_id, post_lock=True)
-            stored = await insert_message(tx, channel_id, user.id, body, locked=True)
+        stored = await insert_message(self.db, channel_id, user.id, body, is_admin=user.is_admin)
         self.metrics.messages_posted.labels("rest").inc()
         await self.bus.message_posted(stored.message, stored.prev_id)
         return stored.message

@@ -30,6 +30,7 @@ class FakeTransport:
         self.stuck_at: int | None = None  # set: the peer took nothing after this byte
         self.closing = False
         self.aborted = False
+        self.writes = 0
 
     def is_closing(self) -> bool:
         return self.closing
@@ -41,6 +42,7 @@ class FakeTransport:
 
     def write(self, data: bytes) -> None:
         self.data += data
+        self.writes += 1
 
     def abort(self) -> None:
         self.aborted = self.closing = True
@@ -79,6 +81,7 @@ def emit(manager, *messages: dict) -> None:
     """What a feed does with in-order messages (feeds.py is tested on its own)."""
     for m in messages:
         manager.emit(m["channel_id"], [Posted(m, m["id"] - 1)])
+    manager.outbox.flush()  # the end of the loop's turn
 
 
 # -- frames ---------------------------------------------------------------------------
@@ -249,6 +252,33 @@ async def test_fanout_encodes_once_and_skips_other_channels():
     ):
         assert decode_event(bad) is None
     assert len(t1.frames()) == 1
+
+
+async def test_frames_of_one_turn_leave_in_one_write_and_in_order():
+    manager = make_manager()
+    stream, transport = open_live(manager)
+    for i in (1, 2, 3):
+        manager.emit(1, [Posted(msg(i), i - 1)])
+    assert transport.data == b"" and stream.pending() > 0  # queued, counted as pending
+    manager.outbox.flush()
+    ids = [json.loads(f.split("data: ")[1])["id"] for f in transport.frames()]
+    assert ids == [1, 2, 3] and transport.writes == 1 and stream.events_sent == 3
+    # A close goes after what is queued, at once.
+    manager.emit(1, [Posted(msg(4), 3)])
+    manager.close(stream, "shutdown")
+    assert transport.writes == 3 and "id: 4" in transport.frames()[-2]
+    assert "event: close" in transport.frames()[-1]
+    manager.outbox.flush()
+    assert transport.writes == 3
+
+
+async def test_queued_frames_count_against_the_buffer_bound():
+    manager = make_manager(sse_buffer_bytes=2048)
+    stream, _ = open_live(manager)
+    big = {**msg(1), "body": "x" * 1200}
+    manager.emit(1, [Posted(big, 0)])
+    manager.emit(1, [Posted({**big, "id": 2}, 1)])  # both still queued: over the bound
+    assert stream.close_reason == "slow_consumer"
 
 
 async def test_setup_buffers_then_go_live_skips_replayed_and_older():

@@ -292,7 +292,7 @@ async def test_migration_keeps_existing_tokens_working(old_db: Database, tmp_pat
         "INSERT INTO users (name, token_hash) VALUES (%s, %s), (%s, %s)",
         ("old-a", hash_token("hrd_old_a"), "old-b", hash_token("hrd_old_b")),
     )
-    assert await migrate(old_db) == ["0008_tokens.sql"]
+    assert (await migrate(old_db))[0] == "0008_tokens.sql"  # and every later one
     users = UserService(db=old_db)
     for name, token in (("old-a", "hrd_old_a"), ("old-b", "hrd_old_b")):
         cred = await users.authenticate(token)
