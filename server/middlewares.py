@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -167,10 +168,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if token is None:
         raise Unauthorized("missing bearer token")
     # Checked before the token, so a limited address learns nothing from its guesses
-    # (a good token is refused too; see shared/services/auth_limit.py).
-    limiter = request.app[AUTH_LIMIT]
+    # (a good token is refused too; see shared/services/auth_limit.py). The cache read
+    # runs beside the check (one round trip of waiting, not two) and is used only
+    # after it; PostgreSQL is asked only for an address that is not limited.
+    limiter, users = request.app[AUTH_LIMIT], request.app[USERS]
     address = client_ip(request, request.app[SETTINGS].trusted_proxies)
-    retry_after = await limiter.retry_after(address)
+    retry_after, cached = await asyncio.gather(
+        limiter.retry_after(address), users.cached_credential(token)
+    )
     if retry_after is not None:
         request.app[METRICS].auth_throttled.inc()
         raise RetryLater(
@@ -179,7 +184,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             retry_after=retry_after,
             status=429,
         )
-    cred = await request.app[USERS].authenticate(token)
+    cred = cached or await users.authenticate(token, cache_read=False)
     if cred is None:  # unknown, revoked or expired: one answer for all three
         await limiter.record_failure(address)
         raise Unauthorized("invalid token")

@@ -143,13 +143,20 @@ class UserService:
             raise Conflict(f"user {name!r} exists", code="name_taken") from None
         return User(row["id"], row["name"], row["is_admin"]), token
 
-    async def authenticate(self, token: str) -> Credential | None:
-        """The credential a token gives, or None: unknown, revoked or expired."""
+    async def cached_credential(self, token: str) -> Credential | None:
+        """The credential a token gives, from the cache only (None: not there)."""
+        if self.cache is None or not token or len(token) > MAX_TOKEN_LEN:
+            return None
+        # Keyed by the sha256, never the token; unknown tokens are not cached.
+        return await self.cache.credential_for(hash_token(token))
+
+    async def authenticate(self, token: str, *, cache_read: bool = True) -> Credential | None:
+        """The credential a token gives, or None: unknown, revoked or expired.
+        ``cache_read=False``: the caller already asked ``cached_credential``."""
         if not token or len(token) > MAX_TOKEN_LEN:
             return None
         digest = hash_token(token)
-        if self.cache is not None:
-            # Keyed by the sha256, never the token; unknown tokens are not cached.
+        if self.cache is not None and cache_read:
             cached = await self.cache.credential_for(digest)
             if cached is not None:
                 return cached
