@@ -400,10 +400,14 @@ async def measure_peer(target: Target, pair: Pair, args: argparse.Namespace) -> 
         if isinstance(target, HeraldTarget):
             (target.channel_id,) = await herald_channels(session, target, 1)
         ready = ready_marker(target)
-        # Warm code paths up, then the baseline.
+        # Warm code paths up (posts as concurrent as the flat-out run's, so every pooled
+        # connection a peer opens for them exists before it is timed), then the baseline.
         await pair.open(50, target.port, target.request(), ready)
-        await target.post(session, target.seq)
-        target.seq += 1
+        for _ in range(3):
+            await asyncio.gather(
+                *(target.post(session, target.seq + i) for i in range(args.publishers))
+            )
+            target.seq += args.publishers
         await asyncio.sleep(0.3)
         await pair.close()
         await asyncio.sleep(1.0)

@@ -27,7 +27,7 @@ import os
 import re
 import resource
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -116,8 +116,9 @@ class HeraldRequestHandler(RequestHandler):
                     manager.cap,
                     manager.refused_total,
                 )
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(
+            # A cast, not an isinstance check: uvloop's transports do not subclass
+            # asyncio.Transport (the assert failed there when the cap was reached).
+            cast(asyncio.Transport, transport).write(
                 json_error_bytes(
                     503,
                     "Service Unavailable",
@@ -228,7 +229,8 @@ def hand_over(handler: RequestHandler, protocol: HandedOver) -> asyncio.Transpor
     (``transport``, ``connection_lost``), so any aiohttp server's handler will do; ours
     also keep the connection counted against the cap."""
     transport = handler.transport
-    if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+    # Duck-typed: uvloop's transports do not subclass asyncio.Transport.
+    if transport is None or not hasattr(transport, "set_protocol") or transport.is_closing():
         return None
     if isinstance(handler, HeraldRequestHandler) and isinstance(
         server := handler.web_server, HeraldWebServer
@@ -238,6 +240,8 @@ def hand_over(handler: RequestHandler, protocol: HandedOver) -> asyncio.Transpor
     transport.set_protocol(protocol)
     handler.transport = None  # aiohttp's teardown below must not close it
     handler.connection_lost(None)
+    if not transport.is_reading():  # aiohttp pauses reads behind pipelined requests
+        transport.resume_reading()
     return transport
 
 

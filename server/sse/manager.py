@@ -807,7 +807,7 @@ class StreamManager:
                 elif delivered > s.delivered:
                     s.last_write_at = now
                 s.delivered = delivered
-                if pending > limit:
+                if pending - s.queued_bytes > limit:  # the peer's backlog, not our queue
                     self.close(s, "slow_consumer")
                     continue
                 if s.dirty and now - s.last_write_at >= stale_s:
@@ -824,7 +824,6 @@ class StreamManager:
                 s.next_heartbeat += heartbeat_s
                 if s.next_heartbeat <= now:  # the loop was stalled: no burst to catch up
                     s.next_heartbeat = now + heartbeat_s
-        self.outbox.flush()  # the heartbeats now, each with what else was queued
         self.sent.inc("heartbeat", beats)
 
     def mark_stale(self, stream: Stream) -> None:

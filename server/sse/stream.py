@@ -86,13 +86,14 @@ class Outbox:
             asyncio.get_running_loop().call_soon(self.write_slice)
 
     def write_slice(self) -> None:
-        self.scheduled = False
         streams = self.streams
-        for _ in range(min(len(streams), FLUSH_SLICE)):
-            streams.popleft().flush()
-        if streams:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.write_slice)
+        try:
+            for _ in range(min(len(streams), FLUSH_SLICE)):
+                streams.popleft().flush()
+        finally:
+            self.scheduled = bool(streams)
+            if streams:
+                asyncio.get_running_loop().call_soon(self.write_slice)
 
     def flush(self) -> None:
         """Write every queued stream now (the sweep's heartbeats, tests)."""
@@ -217,7 +218,9 @@ class Stream:
         t = self.transport
         if t is None or t.is_closing():
             return GONE
-        if t.get_write_buffer_size() + self.queued_bytes + len(data) > limit:
+        # What waits in our own queue is our delay, not the peer's: only the
+        # transport's backlog (the peer not taking what it was sent) makes it slow.
+        if t.get_write_buffer_size() + len(data) > limit:
             return FULL
         if not self.dirty:
             self.start_clock(now)

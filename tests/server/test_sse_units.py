@@ -73,6 +73,12 @@ def open_live(manager, channel_id=1, user_id=1, ip="10.0.0.1"):
     return stream, transport
 
 
+def sweep(manager, now: float) -> None:
+    """One sweep and the end of its loop turn (the outbox writes what it queued)."""
+    manager.sweep(now)
+    manager.outbox.flush()
+
+
 def msg(i: int, channel_id: int = 1) -> dict:
     return {"id": i, "channel_id": channel_id, "author": {"id": 1, "name": "a"}, "body": f"m{i}"}
 
@@ -272,12 +278,16 @@ async def test_frames_of_one_turn_leave_in_one_write_and_in_order():
     assert transport.writes == 3
 
 
-async def test_queued_frames_count_against_the_buffer_bound():
+async def test_only_the_peers_backlog_makes_a_slow_consumer_not_our_queue():
     manager = make_manager(sse_buffer_bytes=2048)
-    stream, _ = open_live(manager)
+    stream, transport = open_live(manager)
     big = {**msg(1), "body": "x" * 1200}
     manager.emit(1, [Posted(big, 0)])
-    manager.emit(1, [Posted({**big, "id": 2}, 1)])  # both still queued: over the bound
+    manager.emit(1, [Posted({**big, "id": 2}, 1)])  # both still queued: our own delay
+    assert stream.close_reason is None
+    manager.outbox.flush()
+    transport.backlog = 1500  # the peer took none of it
+    manager.emit(1, [Posted({**big, "id": 3}, 2)])
     assert stream.close_reason == "slow_consumer"
 
 
@@ -327,13 +337,13 @@ async def test_sweep_heartbeats_when_due():
     manager = make_manager(sse_heartbeat_s=10)
     stream, transport = open_live(manager)
     now = stream.next_heartbeat
-    manager.sweep(now - 0.5)
+    sweep(manager, now - 0.5)
     assert transport.data == b""
-    manager.sweep(now)
+    sweep(manager, now)
     assert transport.frames()[0].startswith('event: heartbeat\ndata: {"ts":')
-    manager.sweep(now + 5)
+    sweep(manager, now + 5)
     assert len(transport.frames()) == 1
-    manager.sweep(now + 10)
+    sweep(manager, now + 10)
     assert len(transport.frames()) == 2
 
 
@@ -341,18 +351,18 @@ async def test_sweep_stale_then_dropped_after_grace():
     manager = make_manager(sse_heartbeat_s=1, sse_stale_s=3)
     stream, transport = open_live(manager)
     t0 = stream.next_heartbeat
-    manager.sweep(t0)  # heartbeat written...
+    sweep(manager, t0)  # heartbeat written...
     transport.stuck_at = 0  # ...and never taken by the peer
-    manager.sweep(t0 + 1)
-    manager.sweep(t0 + 2)
+    sweep(manager, t0 + 1)
+    sweep(manager, t0 + 2)
     assert stream.close_reason is None
-    manager.sweep(t0 + 3.01)
+    sweep(manager, t0 + 3.01)
     assert stream.close_reason == "stale" and stream.stale
     stats = manager.stats()
     assert stats["stale_detected_total"] == 1 and stats["stale_active"] == 1
     lo, hi = RECONNECT_MS["stale"]
     assert lo <= stream.reconnect_after_ms <= hi
-    manager.sweep(stream.closing_deadline + 0.01)
+    sweep(manager, stream.closing_deadline + 0.01)
     assert transport.aborted
     manager.unregister(stream)
     assert manager.stats()["stale_active"] == 0 and manager.closed["stale"] == 1
@@ -363,10 +373,10 @@ async def test_progress_is_not_stale():
     stream, transport = open_live(manager)
     t0 = stream.next_heartbeat
     transport.backlog = 1000
-    manager.sweep(t0)
+    sweep(manager, t0)
     for step in range(1, 8):
         transport.backlog -= 100  # a slow reader, still reading
-        manager.sweep(t0 + step)
+        sweep(manager, t0 + step)
     assert stream.close_reason is None
 
 
@@ -380,7 +390,7 @@ async def test_slow_consumer_on_write_and_on_sweep():
     other, t2 = open_live(manager, ip="10.0.0.9")
     emit(manager, msg(2))
     t2.backlog = 5000  # the kernel and our buffer hold more than the bound
-    manager.sweep(other.next_heartbeat - 1)
+    sweep(manager, other.next_heartbeat - 1)
     assert other.close_reason == "slow_consumer" and manager.slow_consumer_total == 2
 
 
@@ -388,5 +398,5 @@ async def test_sweep_drops_vanished_peers():
     manager = make_manager()
     stream, transport = open_live(manager)
     transport.closing = True
-    manager.sweep(0.0)
+    sweep(manager, 0.0)
     assert manager.streams == {} and stream.done.done() and manager.closed["gone"] == 1
