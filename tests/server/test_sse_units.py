@@ -13,7 +13,7 @@ from server.clientip import parse_ip, resolve
 from server.sse import frames
 from server.sse.manager import RECONNECT_MS, RateWindow, StreamManager, tick_interval
 from server.sse.replay import last_event_id
-from server.sse.stream import LIVE, SETUP
+from server.sse.stream import DIRECT_WRITES, LIVE, SETUP
 from shared.bus import decode_event
 from shared.errors import RetryLater, ValidationError
 from shared.metrics import Metrics
@@ -263,6 +263,7 @@ async def test_fanout_encodes_once_and_skips_other_channels():
 async def test_frames_of_one_turn_leave_in_one_write_and_in_order():
     manager = make_manager()
     stream, transport = open_live(manager)
+    manager.outbox.direct = 0  # no direct writes left: everything queues
     for i in (1, 2, 3):
         manager.emit(1, [Posted(msg(i), i - 1)])
     assert transport.data == b"" and stream.pending() > 0  # queued, counted as pending
@@ -276,6 +277,26 @@ async def test_frames_of_one_turn_leave_in_one_write_and_in_order():
     assert "event: close" in transport.frames()[-1]
     manager.outbox.flush()
     assert transport.writes == 3
+
+
+async def test_an_idle_outbox_writes_the_first_slice_at_once_then_queues():
+    manager = make_manager(sse_max_per_ip=500, sse_max_connections=500)
+    live = [open_live(manager) for _ in range(DIRECT_WRITES + 2)]
+    manager.emit(1, [Posted(msg(1), 0)])
+    written = [t for _, t in live if t.writes]
+    assert len(written) == DIRECT_WRITES  # at once, during the fan-out loop
+    assert manager.outbox.scheduled and len(manager.outbox.streams) == 2
+    manager.outbox.write_slice()  # the pass empties the queue: the budget is back
+    assert all(t.writes == 1 for _, t in live) and manager.outbox.direct == DIRECT_WRITES
+    # A stream with frames still queued never jumps its queue with a direct write.
+    manager.outbox.direct = 0
+    manager.emit(1, [Posted(msg(2), 1)])
+    manager.outbox.direct = DIRECT_WRITES
+    manager.emit(1, [Posted(msg(3), 2)])
+    manager.outbox.flush()
+    for stream, t in live:
+        ids = [json.loads(f.split("data: ")[1])["id"] for f in t.frames()]
+        assert ids == [1, 2, 3] and t.writes == 2 and stream.queued is None
 
 
 async def test_only_the_peers_backlog_makes_a_slow_consumer_not_our_queue():
