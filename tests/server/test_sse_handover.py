@@ -27,6 +27,20 @@ def web_server(live) -> HeraldWebServer:
     return server
 
 
+async def open_handed_over(live) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client's per-channel stream, once the stream holds its connection."""
+    user, token = await live.user("alice")
+    channel_id = await live.channel(user)
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.server.port)
+    writer.write(
+        f"GET /api/v1/channels/{channel_id}/events HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    await wait_for(lambda: web_server(live).handed_over == 1, 2, "the hand-over")
+    return reader, writer
+
+
 async def test_live_stream_frees_aiohttps_objects_and_keeps_working(settings):
     async with live_server(settings, sse_heartbeat_s=0.3) as live:
         user, token = await live.user("alice")
@@ -55,15 +69,7 @@ async def test_live_stream_frees_aiohttps_objects_and_keeps_working(settings):
 
 async def test_server_close_ends_the_body_and_the_connection(settings):
     async with live_server(settings, sse_heartbeat_s=5) as live:
-        user, token = await live.user("alice")
-        channel_id = await live.channel(user)
-        reader, writer = await asyncio.open_connection("127.0.0.1", live.server.port)
-        writer.write(
-            f"GET /api/v1/channels/{channel_id}/events HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        await writer.drain()
-        await wait_for(lambda: web_server(live).handed_over == 1, 2, "the hand-over")
+        reader, writer = await open_handed_over(live)
         (stream,) = live.manager.streams.values()
         live.manager.close(stream, "revoked")
         async with asyncio.timeout(3):
@@ -78,15 +84,7 @@ async def test_server_close_ends_the_body_and_the_connection(settings):
 
 async def test_a_peer_that_sends_too_much_is_dropped(settings):
     async with live_server(settings, sse_heartbeat_s=5) as live:
-        user, token = await live.user("alice")
-        channel_id = await live.channel(user)
-        _, writer = await asyncio.open_connection("127.0.0.1", live.server.port)
-        writer.write(
-            f"GET /api/v1/channels/{channel_id}/events HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        await writer.drain()
-        await wait_for(lambda: web_server(live).handed_over == 1, 2, "the hand-over")
+        _, writer = await open_handed_over(live)
         # A few pipelined bytes are ignored; past the limit the connection is dropped.
         writer.write(b"GET / HTTP/1.1\r\n\r\n")
         await writer.drain()
