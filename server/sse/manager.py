@@ -8,6 +8,7 @@ it guards, so "check the limits, then register" is atomic without a lock.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
@@ -105,6 +106,11 @@ class StreamManager:
         self.by_channel: dict[int, set[Stream]] = {}
         self.by_ip: dict[str, set[Stream]] = {}
         self.by_user: dict[int, set[Stream]] = {}
+        # token id -> its open streams, and (expiry, stream id, stream) for streams whose
+        # token expires: the token watch (tokens.py) works per token and per due
+        # expiry, never per stream per pass. Entries of ended streams are skipped there.
+        self.by_token: dict[int, set[Stream]] = {}
+        self.expiring: list[tuple[float, str, Stream]] = []
         self.enforcement = Enforcement(settings.observe_only, metrics)
         self.draining = False
         self.peak = 0
@@ -242,6 +248,14 @@ class StreamManager:
         self.by_ip.setdefault(ip, set()).add(stream)
         if kind == MEMBERSHIP:
             self.by_user.setdefault(user_id, set()).add(stream)
+        if token_id:
+            self.by_token.setdefault(token_id, set()).add(stream)
+        if token_expires_at is not None:
+            if len(self.expiring) > 2 * len(self.streams) + 64:
+                # Ended streams' entries: drop them before the heap outgrows the registry.
+                self.expiring = [e for e in self.expiring if self.streams.get(e[1]) is e[2]]
+                heapq.heapify(self.expiring)
+            heapq.heappush(self.expiring, (token_expires_at, stream.id, stream))
         self._empty.clear()
         self.opened.inc()
         self.rate.add(now)
@@ -364,6 +378,11 @@ class StreamManager:
             mine.discard(stream)
             if not mine:
                 del self.by_user[stream.user_id]
+        held = self.by_token.get(stream.token_id)
+        if held is not None:
+            held.discard(stream)
+            if not held:
+                del self.by_token[stream.token_id]
         if stream.stale:
             self.stale_active -= 1
         self.give_back_ip_slot(stream.ip, stream.id)

@@ -60,3 +60,30 @@ async def test_leases_fail_open_per_process_when_redis_does_not_answer(settings)
     finally:
         await dead.aclose()
     assert metrics.sse_ip_leases_unavailable._value.get() == 2
+
+
+async def test_renewal_refreshes_every_lease_and_restores_lost_ones(settings, redis):
+    leases = IpLeases(redis=redis, settings=settings, metrics=Metrics())
+    # Enough streams for several scripts, across addresses of both families.
+    holders = [(f"10.9.{i // 250}.{i % 250}", [f"s{i}a", f"s{i}b"]) for i in range(1500)]
+    holders.append(("2001:db8::7", ["v6"]))
+    keys = [sse_ip_key(ip) for ip, _ in holders]
+    try:
+        await redis.zadd(keys[0], {"s0a": 1.0})  # an old lease, about to run out
+        before = time.time()
+        await leases._renew(lambda: holders)
+        for key, (_, ids) in zip(
+            [*keys[::300], keys[-1]], [*holders[::300], holders[-1]], strict=True
+        ):
+            got = dict(await redis.zrange(key, 0, -1, withscores=True))
+            assert sorted(got) == sorted(i.encode() for i in ids)
+            assert all(
+                before + LEASE_TTL_S - 1 < s <= time.time() + LEASE_TTL_S for s in got.values()
+            )
+            assert 0 < await redis.ttl(key) <= int(LEASE_TTL_S) + 5
+        # Redis restarted empty: the next pass brings every lease back.
+        await redis.delete(*keys)
+        await leases._renew(lambda: holders)
+        assert sum([await redis.zcard(k) for k in keys]) == 3001
+    finally:
+        await redis.delete(*keys)

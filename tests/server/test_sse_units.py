@@ -14,6 +14,7 @@ from server.sse import frames
 from server.sse.manager import RECONNECT_MS, RateWindow, StreamManager, tick_interval
 from server.sse.replay import last_event_id
 from server.sse.stream import DIRECT_WRITES, LIVE, SETUP
+from server.sse.tokens import TokenWatch
 from shared.bus import decode_event
 from shared.errors import RetryLater, ValidationError
 from shared.metrics import Metrics
@@ -349,6 +350,51 @@ async def test_revoke_closes_only_that_users_streams_on_that_channel():
     assert t2.data == t3.data == b""
     manager.on_event(decode_event({"type": "channel_deleted", "channel_id": 2}))
     assert same_user_other_channel.close_reason == "revoked"
+
+
+def open_with_token(manager, token_id, expires_at=None, ip="10.0.0.1"):
+    transport = FakeTransport()
+    stream = manager.open(
+        channel_id=1,
+        user_id=1,
+        ip=ip,
+        transport=transport,
+        token_id=token_id,
+        token_expires_at=expires_at,
+    )
+    manager.go_live(stream)
+    return stream
+
+
+async def test_token_watch_closes_by_token_and_by_due_expiry_only():
+    manager = make_manager(sse_max_per_ip=100)
+    watch = TokenWatch(manager=manager, users=None, timeout_s=1.0)
+    first = [open_with_token(manager, 1, expires_at=100.0) for _ in range(3)]
+    later = [open_with_token(manager, 2, expires_at=200.0) for _ in range(2)]
+    forever = open_with_token(manager, 3)
+    assert sorted(manager.by_token) == [1, 2, 3] and len(manager.expiring) == 5
+    assert watch.expire(99.9) == 0
+    assert watch.expire(100.0) == 3
+    assert all(s.close_reason == "revoked" for s in first)
+    assert all(s.close_reason is None for s in [*later, forever])
+    # A stream that ended before its token expired is skipped, not closed twice.
+    manager.gone(later[0])
+    assert watch.expire(500.0) == 1 and later[1].close_reason == "revoked"
+    assert manager.expiring == [] and forever.close_reason is None
+    assert watch.close_token(3) == 1 and forever.close_reason == "revoked"
+    assert watch.close_token(3) == 0  # already closing: not counted again
+    for s in [*first, *later, forever]:
+        manager.unregister(s)
+    assert manager.by_token == {}
+
+
+async def test_expiry_heap_drops_ended_streams_entries_before_it_outgrows_the_registry():
+    manager = make_manager(sse_max_per_ip=1000)
+    for i in range(500):
+        manager.unregister(open_with_token(manager, i + 1, expires_at=1e12))
+    kept = open_with_token(manager, 9999, expires_at=1e12)
+    assert len(manager.expiring) <= 2 * len(manager.streams) + 64 + 1
+    assert any(e[2] is kept for e in manager.expiring)
 
 
 # -- manager: the sweep ------------------------------------------------------------------
