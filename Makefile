@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-peers load install clean
+.PHONY: run test lint typecheck unit bench bench-peers bench-idle load install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # Herald against Nchan and stock aiohttp-sse only: make bench-peers PEERS_ARGS=--quick
 bench-peers: $(STAMP)
 	$(BIN)/python -m bench.peers $(PEERS_ARGS)
+
+# The peers bench's idle-CPU row alone (10,000 streams, Nchan and Herald, ~4 min)
+bench-idle: $(STAMP)
+	$(BIN)/python -m bench.idle
 
 # Not in CI (about 25 minutes): the four load runs, then the 15-minute soak (2 servers,
 # 2 workers, a Redis and a PostgreSQL restart). Each prints its figures; any failed
