@@ -21,6 +21,7 @@ from bench.peers import (
     Pair,
     ensure_nchan,
     herald_channels,
+    herald_env,
     py_spy_start,
     py_spy_stop,
     ready_marker,
@@ -56,16 +57,7 @@ async def driver(args: argparse.Namespace) -> None:
         print(f"== nchan: skipped: {skip}", flush=True)
     db_name = f"herald_idle_{os.getpid()}"
     url, token = await setup_db(db_name)
-    env = {
-        "DATABASE_URL": url,
-        "REDIS_URL": os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/11"),
-        "HERALD_HOST": "127.0.0.1",
-        "HERALD_SSE_MAX_PER_IP": "200",
-        "HERALD_SSE_MAX_CONNECTIONS": "20000",
-        "HERALD_SHUTDOWN_TIMEOUT_S": "2",
-        "HERALD_SSE_HEARTBEAT_S": "15",
-        "HERALD_LOG_LEVEL": "error",
-    }
+    env = herald_env(url, 15.0)
     runs: dict[str, list[float]] = {p: [] for p in peers}
     pair = Pair()
     try:

@@ -550,6 +550,21 @@ def report(rows: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
             print(f"{name} deliveries/s / herald (one process): {x:.2f}x (target >= 1.6x)")
 
 
+def herald_env(database_url: str, heartbeat_s: float) -> dict[str, str]:
+    """Herald's settings in every peer bench: room for 20,000 streams from one address's
+    clients, quiet logs, a short drain."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/11"),
+        "HERALD_HOST": "127.0.0.1",
+        "HERALD_SSE_MAX_PER_IP": "200",
+        "HERALD_SSE_MAX_CONNECTIONS": "20000",
+        "HERALD_SHUTDOWN_TIMEOUT_S": "2",
+        "HERALD_SSE_HEARTBEAT_S": str(heartbeat_s),
+        "HERALD_LOG_LEVEL": "error",
+    }
+
+
 async def driver(args: argparse.Namespace) -> None:
     skip = ensure_nchan(not args.no_install) if "nchan" in args.peers else None
     peers = [p for p in args.peers if not (p == "nchan" and skip)]
@@ -557,16 +572,7 @@ async def driver(args: argparse.Namespace) -> None:
         print(f"== nchan: skipped: {skip}", flush=True)
     db_name = f"herald_peers_{os.getpid()}"
     url, token = await setup_db(db_name)
-    env = {
-        "DATABASE_URL": url,
-        "REDIS_URL": os.environ.get("HERALD_BENCH_REDIS", "redis://127.0.0.1:6379/11"),
-        "HERALD_HOST": "127.0.0.1",
-        "HERALD_SSE_MAX_PER_IP": "200",
-        "HERALD_SSE_MAX_CONNECTIONS": "20000",
-        "HERALD_SHUTDOWN_TIMEOUT_S": "2",
-        "HERALD_SSE_HEARTBEAT_S": str(args.heartbeat),
-        "HERALD_LOG_LEVEL": "error",
-    }
+    env = herald_env(url, args.heartbeat)
 
     def herald() -> HeraldTarget:
         t = HeraldTarget(0, env)
