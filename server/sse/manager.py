@@ -34,6 +34,7 @@ from server.sse.stream import (
     Stream,
     new_stream_id,
 )
+from server.sse.wheel import HeartbeatWheel
 from shared.bus import BusEvent, MemberAdded, MemberRemoved, MessagePosted, TokenRevoked
 from shared.enforcement import SSE_LIMITS, Enforcement
 from shared.errors import RetryLater
@@ -127,6 +128,10 @@ class StreamManager:
         self.subscriptions = Tally(metrics.sse_subscriptions)
         self.rate = RateWindow()
         self.tick_s = tick_interval(settings)
+        # Live streams by when their heartbeat is due; the streams every tick looks at
+        # are in outbox.watched (see Outbox).
+        self.wheel = HeartbeatWheel(self.tick_s)
+        self.watched = self.outbox.watched
         # (channel id, user id) or (channel id, None) for a deletion -> monotonic time.
         self.revoked: dict[tuple[int, int | None], float] = {}
         # user id -> [(channel id, since, monotonic time)]: joins, for membership
@@ -243,6 +248,7 @@ class StreamManager:
             token_expires_at=token_expires_at,
         )
         self.streams[stream.id] = stream
+        self.watched.add(stream)  # aiohttp holds it until the hand-over
         for c in followed:
             self._follow(stream, c)
         self.by_ip.setdefault(ip, set()).add(stream)
@@ -366,6 +372,8 @@ class StreamManager:
         """Forget a stream and every count it held; safe to call more than once."""
         if self.streams.pop(stream.id, None) is None:
             return
+        self.watched.discard(stream)
+        self.wheel.discard(stream)
         for c in stream.channels:
             self._unfollow(stream, c)
         peers = self.by_ip.get(stream.ip)
@@ -510,6 +518,7 @@ class StreamManager:
         pending, stream.buffer = stream.buffer or [], None
         stream.state = LIVE
         stream.next_heartbeat = now + self.settings.sse_heartbeat_s
+        self.wheel.add(stream)
         limit = self.settings.sse_buffer_bytes
         joined = stream.catching_up
         for channel_id, encoded in pending:
@@ -578,6 +587,7 @@ class StreamManager:
             return
         now = time.monotonic()
         stream.close_reason = reason
+        self.watched.add(stream)  # its close event flushed or its deadline passed
         stream.reconnect_after_ms = random.randint(*RECONNECT_MS[reason])
         stream.closing_deadline = now + CLOSE_GRACE_S if deadline is None else deadline
         if reason == "slow_consumer":
@@ -790,13 +800,10 @@ class StreamManager:
                 logger.exception("SSE sweep failed")
 
     def sweep(self, now: float) -> None:
-        """One pass over every stream; the only timer the streams have."""
-        settings = self.settings
-        limit = settings.sse_buffer_bytes
-        stale_s = settings.sse_stale_s
-        heartbeat_s = settings.sse_heartbeat_s
-        heartbeat: Frame | None = None
-        beats = 0
+        """One tick, the only timer the streams have: the watched streams (a write not
+        yet known delivered, closing, or still held by aiohttp) are checked, and the
+        streams whose heartbeat is due get it. An idle handed-over stream is looked at
+        once per heartbeat, not once per tick."""
         if self.revoked and now >= self._next_prune:
             self._next_prune = now + 10.0
             old = now - REVOKE_MEMORY_S
@@ -806,7 +813,15 @@ class StreamManager:
                 for u, joins in self.joined.items()
                 if (kept := [j for j in joins if j[2] >= old])
             }
-        for s in list(self.streams.values()):
+        if self.watched:
+            self._check_watched(now)
+        self._heartbeats(now)
+
+    def _check_watched(self, now: float) -> None:
+        limit = self.settings.sse_buffer_bytes
+        stale_s = self.settings.sse_stale_s
+        watched = self.watched
+        for s in list(watched):
             if s.is_gone():
                 self.gone(s)
                 continue
@@ -832,17 +847,33 @@ class StreamManager:
                 if s.dirty and now - s.last_write_at >= stale_s:
                     self.mark_stale(s)
                     continue
-            if s.state == LIVE and now >= s.next_heartbeat:
-                if heartbeat is None:
-                    heartbeat = frames.heartbeat()
-                outcome = s.send(heartbeat, now, limit)
-                if outcome != WRITTEN:
-                    self._trouble(s, outcome)
-                    continue
-                beats += 1
-                s.next_heartbeat += heartbeat_s
-                if s.next_heartbeat <= now:  # the loop was stalled: no burst to catch up
-                    s.next_heartbeat = now + heartbeat_s
+            if not s.dirty and s.detached:
+                watched.discard(s)
+
+    def _heartbeats(self, now: float) -> None:
+        due = self.wheel.turn(now)
+        if not due:
+            return
+        limit = self.settings.sse_buffer_bytes
+        heartbeat_s = self.settings.sse_heartbeat_s
+        heartbeat = frames.heartbeat()
+        wheel = self.wheel
+        beats = 0
+        for s in due:
+            if s.state != LIVE:
+                continue  # closing: it gets no more heartbeats
+            if now < s.next_heartbeat:
+                wheel.add(s)  # filed in this tick's slot but due later in it
+                continue
+            outcome = s.send(heartbeat, now, limit, direct=True)
+            if outcome != WRITTEN:
+                self._trouble(s, outcome)
+                continue
+            beats += 1
+            s.next_heartbeat += heartbeat_s
+            if s.next_heartbeat <= now:  # the loop was stalled: no burst to catch up
+                s.next_heartbeat = now + heartbeat_s
+            wheel.add(s)
         self.sent.inc("heartbeat", beats)
 
     def mark_stale(self, stream: Stream) -> None:

@@ -78,14 +78,20 @@ class Outbox:
 
     While nothing is queued, the first ``direct`` writes go out at once instead (the
     first slice of a fan-out does not wait for the whole loop over its streams to be
-    queued); the budget comes back when a pass of slices has emptied the queue."""
+    queued); the budget comes back when a pass of slices has emptied the queue.
 
-    __slots__ = ("direct", "scheduled", "streams")
+    ``watched`` holds the streams the manager's sweep looks at on every tick: those with
+    a write not yet known to be delivered (``dirty``), those closing, and those aiohttp
+    still holds (a handed-over stream's end reaches the manager by itself). An idle
+    stream is in none of these and costs the sweep nothing until its heartbeat."""
+
+    __slots__ = ("direct", "scheduled", "streams", "watched")
 
     def __init__(self, direct: int = DIRECT_WRITES) -> None:
         self.streams: deque[Stream] = deque()
         self.scheduled = False
         self.direct = direct
+        self.watched: set[Stream] = set()
 
     def take_direct(self) -> bool:
         """May a stream with nothing queued write now?"""
@@ -224,14 +230,19 @@ class Stream:
         self.catching_up: dict[int, list[Batch]] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def send(self, frame: Frame, now: float, limit: int) -> int:
+    def send(self, frame: Frame, now: float, limit: int, *, direct: bool = False) -> int:
         """Write one frame now: WRITTEN, GONE (the peer left) or FULL (more than
         ``limit`` bytes would wait in our buffer: a slow consumer)."""
-        return self.send_bytes(frame.chunked if self.chunked else frame.raw, now, limit)
+        data = frame.chunked if self.chunked else frame.raw
+        return self.send_bytes(data, now, limit, direct=direct)
 
-    def send_bytes(self, data: bytes, now: float, limit: int, events: int = 1) -> int:
+    def send_bytes(
+        self, data: bytes, now: float, limit: int, events: int = 1, *, direct: bool = False
+    ) -> int:
         """Write bytes already framed for this stream (chunked or raw): queued for the
-        end of this turn of the loop, with whatever else reaches the stream in it."""
+        end of this turn of the loop, with whatever else reaches the stream in it, or
+        with ``direct`` (a heartbeat: nothing else comes in its turn) written at once
+        unless something is queued already."""
         t = self.transport
         if t is None or t.is_closing():
             return GONE
@@ -245,7 +256,7 @@ class Stream:
         if queued is not None:
             queued.append(data)
             self.queued_bytes += len(data)
-        elif self.outbox.take_direct():
+        elif direct or self.outbox.take_direct():
             t.write(data)
         else:
             self.queued = [data]
@@ -277,6 +288,7 @@ class Stream:
         self.dirty = True
         self.last_write_at = now
         self.delivered = self.written_total()
+        self.outbox.watched.add(self)
 
     def force_write(self, frame: Frame) -> bool:
         """Write now, after what is queued, regardless of the buffer bound (the small

@@ -232,21 +232,14 @@ class MessageService:
         take them, so nobody deadlocks): that waits for the posts in flight, and a post
         after it draws its id after the sequence value read here."""
         ids = sorted(set(channel_ids))
-        async with self.db.transaction() as tx:
-            await tx.execute(
-                "SELECT pg_advisory_xact_lock_shared(%s, (c %% 2147483647)::int)"
-                " FROM (SELECT c FROM unnest(%s::bigint[]) AS c ORDER BY c) AS s",
-                (AdvisoryLock.CHANNEL_POST, ids),
-            )
-            seq = await tx.fetchrow("SELECT last_value, is_called FROM messages_id_seq")
-            rows = await tx.fetch(
-                "SELECT t.c, COALESCE((SELECT max(m.id) FROM messages m"
-                "  WHERE m.channel_id = t.c), 0) AS head FROM unnest(%s::bigint[]) AS t(c)",
-                (ids,),
-            )
-        assert seq is not None
-        watermark = int(seq["last_value"]) - (0 if seq["is_called"] else 1)
-        return watermark, {int(r["c"]): int(r["head"]) for r in rows}
+        # One statement, one round trip (migration 0010's herald_channel_heads): the
+        # locks, then the sequence, then the heads, each step after the one before.
+        row = await self.db.fetchrow(
+            "SELECT watermark, heads FROM herald_channel_heads(%s::bigint[], %s)",
+            (ids, AdvisoryLock.CHANNEL_POST),
+        )
+        assert row is not None
+        return int(row["watermark"]), dict(zip(ids, map(int, row["heads"]), strict=True))
 
     async def fill(self, after: Mapping[int, int], per_channel: int) -> list[Posted]:
         """For each channel, up to ``per_channel`` messages with id > its value, oldest

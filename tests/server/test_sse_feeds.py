@@ -222,3 +222,30 @@ async def test_access_recheck_drops_what_a_lost_removal_should_have(client, alic
     assert stream.channels == {public}
     one.close()
     members.close()
+
+
+async def test_heads_wait_for_a_post_in_flight_and_cover_it(client, alice):
+    """One statement (herald_channel_heads) still takes the posting locks before it
+    reads the sequence and the heads: a post holding its lock is waited for, and the
+    heads returned include it, so the watermark never passes an uncommitted id."""
+    messages = client.app[MESSAGES]
+    db = messages.db
+    a = await make_channel(client, alice, "heads-a")
+    b = await make_channel(client, alice, "heads-b")
+    (first,) = await store(db, a, alice.id, 1)
+    watermark, heads = await messages.heads([])
+    assert heads == {} and watermark == (await messages.heads([a]))[0] >= first.id
+    async with db.transaction() as tx:
+        in_flight = await insert_message(tx, b, alice.id, "not yet committed")
+        reading = asyncio.create_task(messages.heads([b, a, b]))
+        deadline = time.monotonic() + 10
+        while not await db.fetchval(  # the read waits on the post's lock
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%%herald_channel_heads%%'"
+        ):
+            assert time.monotonic() < deadline and not reading.done()
+            await asyncio.sleep(0.01)
+        assert not reading.done()
+    watermark, heads = await asyncio.wait_for(reading, 10)
+    assert heads == {a: first.id, b: in_flight.id}
+    assert watermark >= in_flight.id

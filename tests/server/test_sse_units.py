@@ -15,6 +15,7 @@ from server.sse.manager import RECONNECT_MS, RateWindow, StreamManager, tick_int
 from server.sse.replay import last_event_id
 from server.sse.stream import DIRECT_WRITES, LIVE, SETUP
 from server.sse.tokens import TokenWatch
+from server.sse.wheel import HeartbeatWheel
 from shared.bus import decode_event
 from shared.errors import RetryLater, ValidationError
 from shared.metrics import Metrics
@@ -32,8 +33,10 @@ class FakeTransport:
         self.closing = False
         self.aborted = False
         self.writes = 0
+        self.looked_at = 0  # is_closing calls: how often something checked this stream
 
     def is_closing(self) -> bool:
+        self.looked_at += 1
         return self.closing
 
     def get_write_buffer_size(self) -> int:
@@ -459,6 +462,73 @@ async def test_slow_consumer_on_write_and_on_sweep():
     t2.backlog = 5000  # the kernel and our buffer hold more than the bound
     sweep(manager, other.next_heartbeat - 1)
     assert other.close_reason == "slow_consumer" and manager.slow_consumer_total == 2
+
+
+async def test_an_idle_handed_over_stream_is_looked_at_once_per_heartbeat_not_per_tick():
+    manager = make_manager(sse_heartbeat_s=10, sse_stale_s=30, sse_max_per_ip=100)
+    opened = [open_live(manager, ip=f"10.0.1.{i}") for i in range(50)]
+    for stream, _ in opened:
+        stream.detach()  # aiohttp let go: the connection's end reaches the manager itself
+    t0 = max(s.next_heartbeat for s, _ in opened)
+    tick = manager.tick_s
+    sweep(manager, t0 - 9.5)  # the streams aiohttp held are checked once more, then not
+    assert not manager.watched
+    before = [t.looked_at for _, t in opened]
+    steps = 0
+    now = t0 - 9.5
+    while now + tick < t0 - 0.5:  # eight one-second ticks with no heartbeat due
+        now += tick
+        steps += 1
+        sweep(manager, now)
+    assert steps == 8 and [t.looked_at for _, t in opened] == before
+    sweep(manager, t0)  # every heartbeat due: each stream written once, then watched
+    assert all(len(t.frames()) == 1 for _, t in opened)
+    assert len(manager.watched) == 50
+    sweep(manager, t0 + tick)  # delivered (no backlog): clean, no longer watched
+    assert not manager.watched
+    assert sum(len(slot) for slot in manager.wheel.slots.values()) == 50
+    for stream, _ in opened:
+        manager.unregister(stream)
+    assert sum(len(slot) for slot in manager.wheel.slots.values()) == 0
+
+
+async def test_a_stalled_stream_is_watched_until_stale_even_between_heartbeats():
+    manager = make_manager(sse_heartbeat_s=10, sse_stale_s=3)
+    stream, transport = open_live(manager)
+    stream.detach()
+    t0 = stream.next_heartbeat
+    transport.stuck_at = 0  # the peer takes nothing from here on
+    sweep(manager, t0)
+    sweep(manager, t0 + 2.9)
+    assert stream.close_reason is None and stream in manager.watched
+    sweep(manager, t0 + 3.0)
+    assert stream.close_reason == "stale"
+
+
+def test_heartbeat_wheel_turns_due_slots_only():
+    wheel = HeartbeatWheel(0.5)
+
+    class S:  # only next_heartbeat matters to the wheel
+        def __init__(self, at: float) -> None:
+            self.next_heartbeat = at
+
+    a, b, c = S(10.2), S(10.7), S(30.0)
+    for s in (a, b, c):
+        wheel.add(s)
+    assert wheel.turn(9.9) == []
+    assert wheel.turn(10.0) == [a]  # its slot; the caller files it back until due
+    wheel.add(a)
+    assert wheel.turn(10.3) == [a]
+    assert wheel.turn(10.6) == [b]
+    wheel.discard(c)
+    assert wheel.turn(1000.0) == [] and wheel.slots == {}  # long gap: only slots held
+    late = S(20.0)  # behind the last turn: filed where the next turn looks
+    wheel.add(late)
+    assert wheel.turn(1000.1) == [late]
+    d = S(5.0)
+    wheel.add(d)
+    assert wheel.turn(3.0) == []  # the clock went back (tests): slots up to it only
+    assert wheel.turn(1001.0) == [d]
 
 
 async def test_sweep_drops_vanished_peers():
