@@ -678,7 +678,7 @@ class StreamManager:
             return
         if channel_id not in stream.channels:
             return
-        stream.channels.discard(channel_id)
+        stream.channels = tuple(c for c in stream.channels if c != channel_id)
         self._unfollow(stream, channel_id)
         if stream.positions is not None:
             stream.positions.pop(channel_id, None)
@@ -697,7 +697,7 @@ class StreamManager:
             return
         if stream.state not in (LIVE, SETUP) or stream.positions is None:
             return
-        stream.channels.add(channel_id)
+        stream.channels = tuple(sorted((*stream.channels, channel_id)))
         self._follow(stream, channel_id)
         stream.positions[channel_id] = since
         self.subscriptions.inc("subscribed")

@@ -219,7 +219,7 @@ async def test_access_recheck_drops_what_a_lost_removal_should_have(client, alic
     gone = await readers[1].until("unsubscribed")
     assert gone.data == {"channel_id": private, "reason": "revoked"}
     (stream,) = [s for s in client.app[STREAMS].streams.values() if s.kind == 2]
-    assert stream.channels == {public}
+    assert stream.channels == (public,)
     one.close()
     members.close()
 
