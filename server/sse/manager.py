@@ -370,10 +370,11 @@ class StreamManager:
 
     def unregister(self, stream: Stream) -> None:
         """Forget a stream and every count it held; safe to call more than once."""
-        if self.streams.pop(stream.id, None) is None:
-            return
+        # First: a write after the end (a replay page) may have put it back in watched.
         self.watched.discard(stream)
         self.wheel.discard(stream)
+        if self.streams.pop(stream.id, None) is None:
+            return
         for c in stream.channels:
             self._unfollow(stream, c)
         peers = self.by_ip.get(stream.ip)
@@ -820,8 +821,11 @@ class StreamManager:
     def _check_watched(self, now: float) -> None:
         limit = self.settings.sse_buffer_bytes
         stale_s = self.settings.sse_stale_s
-        watched = self.watched
+        watched, streams = self.watched, self.streams
         for s in list(watched):
+            if streams.get(s.id) is not s:
+                watched.discard(s)  # ended, then written to (a replay's last page)
+                continue
             if s.is_gone():
                 self.gone(s)
                 continue

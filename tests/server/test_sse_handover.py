@@ -61,10 +61,15 @@ async def test_live_stream_frees_aiohttps_objects_and_keeps_working(settings):
             ev = await reader.until("message")
             assert ev.id == posted["id"] and ev.data["body"] == "after the hand-over"
             await reader.until("heartbeat", timeout=2)
+            # Caught up and handed over: the tick no longer looks at it, the wheel holds it.
+            await wait_for(lambda: not live.manager.watched, 2, "the stream to be unwatched")
+            assert any(stream in slot for slot in live.manager.wheel.slots.values())
             resp.close()
             await wait_for(lambda: not live.manager.streams, 2, "the stream to leave")
             assert web_server(live).handed_over == 0
             assert live.manager.closed["gone"] == 1
+            assert stream not in live.manager.watched
+            assert all(stream not in slot for slot in live.manager.wheel.slots.values())
 
 
 async def test_server_close_ends_the_body_and_the_connection(settings):

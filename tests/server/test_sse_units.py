@@ -537,3 +537,23 @@ async def test_sweep_drops_vanished_peers():
     transport.closing = True
     sweep(manager, 0.0)
     assert manager.streams == {} and stream.done.done() and manager.closed["gone"] == 1
+
+
+async def test_a_stream_written_after_it_ended_leaves_the_watched_set():
+    """A replay page written (note_write) after the peer left and the stream was
+    unregistered must not keep the stream watched, and held, for the process's life."""
+    manager = make_manager()
+    transport = FakeTransport()
+    stream = manager.open(channel_id=1, user_id=1, ip="10.0.0.1", transport=transport)
+    manager.note_write(stream)
+    sweep(manager, 1.0)  # delivered: clean
+    transport.closing = True
+    sweep(manager, 2.0)  # gone: unregistered
+    assert manager.streams == {} and stream not in manager.watched
+    manager.note_write(stream)  # the replay's next page, already too late
+    manager.unregister(stream)  # the handler's end
+    assert stream not in manager.watched
+    manager.note_write(stream)  # and written again after that
+    sweep(manager, 3.0)
+    assert stream not in manager.watched
+    assert all(stream not in slot for slot in manager.wheel.slots.values())
