@@ -62,4 +62,5 @@ class HeartbeatWheel:
         return taken
 
     def __len__(self) -> int:
+        """How many streams are filed."""
         return sum(len(s) for s in self.slots.values())
